@@ -1,0 +1,173 @@
+"""The L2 book core: integer ticks, Kraken's update semantics, checksum on every message.
+
+bookd, the offline verifier and the replay server all keep books with this class; there
+is no second implementation. Pure: no I/O, no clock.
+
+Semantics (PROTOCOL.md sections 2.3 and 3.1)
+--------------------------------------------
+* A snapshot replaces the book. An update applies every level in order: qty 0 deletes
+  the level (a delete of an absent level is a no-op), anything else inserts or
+  replaces. The same price may appear twice in one message; update levels come in no
+  order.
+* After every message, snapshots included, each side is truncated to the subscribed
+  depth: Kraken sends no delete for levels pushed out by an insert.
+* The checksum covers the top 10 of each side whatever the depth, so an update that
+  changes only deeper levels repeats the previous checksum.
+* Ticks are Python ints and are never range-checked here: the verifier must handle any
+  value. Range limits (uint64 in shared memory) belong to the publisher.
+* A crossed (or locked) book after a message is an integrity error (`CrossedBook`),
+  raised after the message is applied; the caller resyncs the pair.
+
+Representation (PERFORMANCE.md rows 2-3)
+----------------------------------------
+Each side is three parallel Python lists ordered best first: `keys` (asks: price;
+bids: -price, so both sides ascend), `qtys`, and `chunks`, the cached checksum text of
+each level. `bisect` finds a level in O(log n); list insert/delete are memmoves.
+
+Invariant: chunks[i] is not None for i < 10. Snapshots format only their top 10
+(cheap 1000-level snapshots); inserts and replaces always format their level; when a
+delete inside the top 10 pulls level 10 up to index 9, its chunk is filled then.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+
+from .checksum import TOP, checksum_chunks
+
+Levels = Sequence[tuple[int, int]]
+
+
+class BookError(Exception):
+    """Base class of the book core's integrity errors."""
+
+
+class CrossedBook(BookError):
+    """Best bid >= best ask after a message."""
+
+    def __init__(self, symbol: str, bid: int, ask: int) -> None:
+        super().__init__(f"{symbol}: crossed book, best bid {bid} >= best ask {ask} (ticks)")
+        self.symbol = symbol
+        self.bid = bid
+        self.ask = ask
+
+
+def _apply_side(keys: list, qtys: list, chunks: list, levels: Levels, neg: bool) -> None:
+    for p, q in levels:
+        k = -p if neg else p
+        i = bisect_left(keys, k)
+        if i < len(keys) and keys[i] == k:
+            if q:
+                qtys[i] = q
+                chunks[i] = b"%d%d" % (p, q)
+            else:
+                del keys[i], qtys[i], chunks[i]
+                if i < TOP and len(chunks) >= TOP and chunks[TOP - 1] is None:
+                    kk = keys[TOP - 1]
+                    chunks[TOP - 1] = b"%d%d" % (-kk if neg else kk, qtys[TOP - 1])
+        elif q:
+            keys.insert(i, k)
+            qtys.insert(i, q)
+            chunks.insert(i, b"%d%d" % (p, q))
+
+
+def _snapshot_side(levels: Levels, neg: bool, depth: int) -> tuple[list, list, list] | None:
+    """Fast path for a snapshot already best-first, without duplicates or zeros."""
+    keys = [-p for p, _ in levels] if neg else [p for p, _ in levels]
+    qtys = [q for _, q in levels]
+    if keys != sorted(set(keys)) or not all(qtys):
+        return None
+    del keys[depth:], qtys[depth:]
+    chunks: list = [b"%d%d" % lv for lv in levels[:TOP]]
+    chunks.extend([None] * (len(keys) - len(chunks)))
+    return keys, qtys, chunks
+
+
+class Book:
+    """One pair's L2 book at a subscribed depth."""
+
+    __slots__ = ("symbol", "depth", "price_precision", "qty_precision",
+                 "ask_keys", "ask_qtys", "ask_chunks", "bid_keys", "bid_qtys", "bid_chunks",
+                 "last_checksum")
+
+    def __init__(self, symbol: str, depth: int, price_precision: int = 0,
+                 qty_precision: int = 0) -> None:
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
+        self.symbol = symbol
+        self.depth = depth
+        self.price_precision = price_precision
+        self.qty_precision = qty_precision
+        self.clear()
+
+    def clear(self) -> None:
+        self.ask_keys: list[int] = []
+        self.ask_qtys: list[int] = []
+        self.ask_chunks: list[bytes | None] = []
+        self.bid_keys: list[int] = []
+        self.bid_qtys: list[int] = []
+        self.bid_chunks: list[bytes | None] = []
+        self.last_checksum: int | None = None
+
+    def apply(self, snapshot: bool, bids: Levels, asks: Levels) -> int:
+        """Apply one message's levels, truncate to depth, return the checksum.
+
+        Raises CrossedBook (after applying) when the result is crossed.
+        """
+        depth = self.depth
+        if snapshot:
+            self.clear()
+            side = _snapshot_side(asks, False, depth)
+            if side is None:
+                _apply_side(self.ask_keys, self.ask_qtys, self.ask_chunks, asks, False)
+            else:
+                self.ask_keys, self.ask_qtys, self.ask_chunks = side
+            side = _snapshot_side(bids, True, depth)
+            if side is None:
+                _apply_side(self.bid_keys, self.bid_qtys, self.bid_chunks, bids, True)
+            else:
+                self.bid_keys, self.bid_qtys, self.bid_chunks = side
+        else:
+            if asks:
+                _apply_side(self.ask_keys, self.ask_qtys, self.ask_chunks, asks, False)
+            if bids:
+                _apply_side(self.bid_keys, self.bid_qtys, self.bid_chunks, bids, True)
+        if len(self.ask_keys) > depth:
+            del self.ask_keys[depth:], self.ask_qtys[depth:], self.ask_chunks[depth:]
+        if len(self.bid_keys) > depth:
+            del self.bid_keys[depth:], self.bid_qtys[depth:], self.bid_chunks[depth:]
+        crc = checksum_chunks(self.ask_chunks, self.bid_chunks)
+        self.last_checksum = crc
+        if self.ask_keys and self.bid_keys and -self.bid_keys[0] >= self.ask_keys[0]:
+            raise CrossedBook(self.symbol, -self.bid_keys[0], self.ask_keys[0])
+        return crc
+
+    # -- read access ---------------------------------------------------------------
+    def checksum(self) -> int:
+        return checksum_chunks(self.ask_chunks, self.bid_chunks)
+
+    def bids(self) -> list[tuple[int, int]]:
+        """(price_ticks, qty_ticks) best first (descending price)."""
+        return [(-k, q) for k, q in zip(self.bid_keys, self.bid_qtys, strict=True)]
+
+    def asks(self) -> list[tuple[int, int]]:
+        """(price_ticks, qty_ticks) best first (ascending price)."""
+        return list(zip(self.ask_keys, self.ask_qtys, strict=True))
+
+    def bid_prices(self) -> list[int]:
+        return [-k for k in self.bid_keys]
+
+    def best_bid(self) -> tuple[int, int] | None:
+        return (-self.bid_keys[0], self.bid_qtys[0]) if self.bid_keys else None
+
+    def best_ask(self) -> tuple[int, int] | None:
+        return (self.ask_keys[0], self.ask_qtys[0]) if self.ask_keys else None
+
+    def __len__(self) -> int:
+        return len(self.bid_keys) + len(self.ask_keys)
+
+    def __repr__(self) -> str:
+        return (f"Book({self.symbol!r}, depth={self.depth}, bids={len(self.bid_keys)}, "
+                f"asks={len(self.ask_keys)}, best_bid={self.best_bid()}, "
+                f"best_ask={self.best_ask()})")

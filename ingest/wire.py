@@ -1,0 +1,584 @@
+"""Kraken Spot WebSocket v2 frames -> typed values, with exact numbers.
+
+Every byte from Kraken enters through this module (PROTOCOL.md sections 1-3). It is
+pure: bytes in, frozen msgspec Structs out, one typed error (`WireError`) for anything
+malformed or unknown, never another exception.
+
+Two entry points:
+
+* `decode_book(frame, precisions)` is the hot path (bookd, the replay server, the
+  verifier): a `book` frame becomes `BookUpdate`s whose levels are integer ticks.
+* `decode_message(frame)` is for the session (ingest): status, heartbeat, pong, acks,
+  error frames, trade, ohlc, instrument and book, dispatched on `channel` or `method`.
+
+and two cheap peeks for ingest, which forwards book frames without decoding them:
+`peek_channel(frame)` and `peek_symbol(frame)`.
+
+Exact ticks (DESIGN.md section 2)
+---------------------------------
+A level's price and qty must become `token * 10**precision` exactly, whatever the
+digits (`1234567890.12345678` at 8 decimals included), and a token with more decimals
+than the precision is an error, never a rounding. Two routes:
+
+* **exact route**: decode the number tokens as `msgspec.Raw`, then integer arithmetic on
+  their text (`_token_ticks`). Always right; about twice the cost.
+* **float fast path** with a guard that provably falls back to the exact route:
+
+  1. *Frame guard.* The frame is mapped with one `bytes.translate` (digits and `.` ->
+     `1`, `e`/`E` -> `e`, `+`/`-` -> `s`, anything else -> space). If it holds a run
+     of 16 `1`s (a token of 16 or more digit/dot characters) or an `e` followed by a
+     digit or sign (exponent notation), the whole frame takes the exact route. So on
+     the fast path every number token T is plain decimal with at most 15 significant
+     digits.
+  2. *Token check.* With x = double(T) and s = 10**p (exact for p <= 22), take
+     n = round(x*s) and accept only if 0 <= n < 10**15 and n / s == x (the division of
+     two exact doubles is correctly rounded, so n / s == double(n * 10**-p)).
+
+  Why that is exact: n * 10**-p and T are both decimals of at most 15 significant
+  digits, and two such decimals map to the same double only if they are equal (every
+  15-digit decimal round-trips through binary64). So acceptance means T == n * 10**-p
+  exactly. Conversely, when T == N * 10**-p with N < 10**15, x*s is within N * 2**-52
+  (< 0.25) of N, so n == N and the check passes. Underflow cannot fool it: without
+  exponents a token that small needs 300 leading zeros, which the run guard catches.
+  A failed check is not an error by itself: the frame is decoded again on the exact
+  route, which raises the precise error if there is one.
+
+The property test in tests/unit/test_wire.py checks both routes against `Decimal`.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+import msgspec
+from msgspec import Raw, Struct
+
+__all__ = [
+    "WireError", "BookUpdate", "decode_book", "decode_message", "peek_channel",
+    "peek_symbol", "token_ticks", "decimal_text", "Heartbeat", "Status", "StatusData",
+    "Ack", "AckResult", "Pong", "ErrorFrame", "BookMessage", "TradeMessage", "Trade",
+    "OhlcMessage", "Candle", "InstrumentMessage", "InstrumentPair", "Message",
+]
+
+
+class WireError(ValueError):
+    """A frame that is malformed, unknown, or whose numbers cannot be represented."""
+
+
+# --------------------------------------------------------------------------------------
+# exact number handling
+
+_POW10 = [10**i for i in range(64)]
+_FPOW10 = [float(10**i) for i in range(23)]  # exact doubles up to 1e22
+_FAST_LIMIT = 10**15
+
+_GUARD_TABLE = bytearray(b" " * 256)
+for _c in b"0123456789.":
+    _GUARD_TABLE[_c] = ord("1")
+_GUARD_TABLE[ord("e")] = _GUARD_TABLE[ord("E")] = ord("e")
+_GUARD_TABLE[ord("+")] = _GUARD_TABLE[ord("-")] = ord("s")
+_GUARD_TABLE = bytes(_GUARD_TABLE)
+_RUN16 = b"1" * 16
+
+
+def _fast_path_allowed(frame: bytes) -> bool:
+    """True when every number token in `frame` is plain decimal with <= 15 digits."""
+    t = frame.translate(_GUARD_TABLE)
+    return _RUN16 not in t and b"e1" not in t and b"es" not in t
+
+
+def token_ticks(token: bytes | str, precision: int) -> int:
+    """Exact `token * 10**precision` as an int for a JSON number token.
+
+    Raises WireError for a negative value, a non-number, or more decimals than
+    `precision` (after exponent notation is taken into account).
+    """
+    s = token if isinstance(token, bytes) else token.encode()
+    if not s or s[0] == 45:  # b"-"
+        raise WireError(f"negative or empty number {s[:40]!r}")
+    if b"e" in s or b"E" in s:
+        return _exp_ticks(s, precision)
+    whole, dot, frac = s.partition(b".")
+    if not whole.isdigit() or (dot and not frac.isdigit()):
+        raise WireError(f"not a decimal number: {s[:40]!r}")
+    n = len(frac)
+    if n > precision:
+        raise WireError(f"{s.decode()} has {n} decimals, more than the precision {precision}")
+    return int(whole + frac) * _POW10[precision - n]
+
+
+def _exp_ticks(s: bytes, precision: int) -> int:
+    try:
+        d = Decimal(s.decode("ascii"))
+    except (InvalidOperation, UnicodeDecodeError):
+        raise WireError(f"not a decimal number: {s[:40]!r}") from None
+    if not d.is_finite() or d < 0:
+        raise WireError(f"not a non-negative finite number: {s[:40]!r}")
+    scaled = d.scaleb(precision)
+    if scaled != scaled.to_integral_value():
+        raise WireError(f"{s.decode()} has more decimals than the precision {precision}")
+    return int(scaled)
+
+
+def decimal_text(token: bytes | Raw) -> str:
+    """The exact decimal text of a JSON number token, in plain (non-exponent) notation."""
+    s = bytes(token)
+    try:
+        if b"e" in s or b"E" in s:
+            d = Decimal(s.decode("ascii"))
+            if not d.is_finite():
+                raise WireError(f"not a finite number: {s[:40]!r}")
+            return format(d, "f")
+        text = s.decode("ascii")
+    except (InvalidOperation, UnicodeDecodeError):
+        raise WireError(f"not a number: {s[:40]!r}") from None
+    whole, dot, frac = text.lstrip("-").partition(".")
+    if not whole.isdigit() or (dot and not frac.isdigit()):
+        raise WireError(f"not a number: {s[:40]!r}")
+    return text
+
+
+# --------------------------------------------------------------------------------------
+# book: the hot path
+
+class _LevelF(Struct, gc=False):
+    price: float
+    qty: float
+
+
+class _BookDataF(Struct, gc=False):
+    symbol: str
+    checksum: int
+    bids: list[_LevelF] = []
+    asks: list[_LevelF] = []
+    timestamp: str | None = None
+
+
+class _BookMsgF(Struct, gc=False):
+    type: str
+    data: list[_BookDataF]
+
+
+class _LevelR(Struct, gc=False):
+    price: Raw
+    qty: Raw
+
+
+class _BookDataR(Struct, gc=False):
+    symbol: str
+    checksum: int
+    bids: list[_LevelR] = []
+    asks: list[_LevelR] = []
+    timestamp: str | None = None
+
+
+class _BookMsgR(Struct, gc=False):
+    type: str
+    data: list[_BookDataR]
+
+
+class BookUpdate(Struct, frozen=True, gc=False):
+    """One `data[]` entry of a book frame, levels as (price_ticks, qty_ticks)."""
+
+    symbol: str
+    snapshot: bool
+    bids: list[tuple[int, int]]
+    asks: list[tuple[int, int]]
+    checksum: int
+    timestamp: str | None = None
+
+
+_book_dec_f = msgspec.json.Decoder(_BookMsgF)
+_book_dec_r = msgspec.json.Decoder(_BookMsgR)
+
+
+def _levels_fast(levels: list[_LevelF], ps: float, qs: float) -> list[tuple[int, int]] | None:
+    out = []
+    append = out.append
+    for lv in levels:
+        x = lv.price
+        y = lv.qty
+        p = round(x * ps)
+        q = round(y * qs)
+        if p / ps != x or q / qs != y or not (0 <= p < _FAST_LIMIT and 0 <= q < _FAST_LIMIT):
+            return None
+        append((p, q))
+    return out
+
+
+def _levels_exact(levels: list[_LevelR], pp: int, qp: int) -> list[tuple[int, int]]:
+    return [(token_ticks(bytes(lv.price), pp), token_ticks(bytes(lv.qty), qp)) for lv in levels]
+
+
+def _type_flag(t: str) -> bool:
+    if t == "update":
+        return False
+    if t == "snapshot":
+        return True
+    raise WireError(f"book frame with unknown type {t!r}")
+
+
+def decode_book(frame: bytes, precisions: dict[str, tuple[int, int]]) -> list[BookUpdate]:
+    """Decode a `book` frame into BookUpdates with exact integer ticks.
+
+    `precisions` maps symbol -> (price_precision, qty_precision). A symbol without a
+    precision, a malformed frame, or a token that is not exactly representable at the
+    precision raises WireError.
+    """
+    if _fast_path_allowed(frame):
+        try:
+            msg = _book_dec_f.decode(frame)
+        except msgspec.DecodeError as e:
+            raise WireError(f"malformed book frame: {e}") from None
+        snap = _type_flag(msg.type)
+        out = []
+        for d in msg.data:
+            try:
+                pp, qp = precisions[d.symbol]
+            except KeyError:
+                raise WireError(f"no precision known for symbol {d.symbol!r}") from None
+            if pp > 22 or qp > 22:
+                break
+            ps = _FPOW10[pp]
+            qs = _FPOW10[qp]
+            bids = _levels_fast(d.bids, ps, qs)
+            asks = _levels_fast(d.asks, ps, qs)
+            if bids is None or asks is None:
+                break
+            out.append(BookUpdate(d.symbol, snap, bids, asks, d.checksum, d.timestamp))
+        else:
+            return out
+    return _decode_book_exact(frame, precisions)
+
+
+def _decode_book_exact(frame: bytes, precisions: dict[str, tuple[int, int]]) -> list[BookUpdate]:
+    try:
+        msg = _book_dec_r.decode(frame)
+    except msgspec.DecodeError as e:
+        raise WireError(f"malformed book frame: {e}") from None
+    snap = _type_flag(msg.type)
+    out = []
+    for d in msg.data:
+        try:
+            pp, qp = precisions[d.symbol]
+        except KeyError:
+            raise WireError(f"no precision known for symbol {d.symbol!r}") from None
+        out.append(BookUpdate(d.symbol, snap, _levels_exact(d.bids, pp, qp),
+                              _levels_exact(d.asks, pp, qp), d.checksum, d.timestamp))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# peeks for ingest (no decode)
+
+_CHANNEL_PREFIX = b'{"channel":"'
+_SYMBOL_KEY = b'"symbol":"'
+
+
+def peek_channel(frame: bytes) -> str | None:
+    """The channel name when the frame starts with `{"channel":"...`, else None.
+
+    Kraken always puts `channel` first; a frame that does not is classified by
+    `decode_message` instead.
+    """
+    if frame.startswith(_CHANNEL_PREFIX):
+        end = frame.find(b'"', 12)
+        if end > 12:
+            return frame[12:end].decode("ascii", "replace")
+    return None
+
+
+def peek_symbol(frame: bytes) -> str | None:
+    """The first `"symbol":"..."` value in the frame, without decoding it."""
+    i = frame.find(_SYMBOL_KEY)
+    if i < 0:
+        return None
+    i += len(_SYMBOL_KEY)
+    j = frame.find(b'"', i)
+    if j < 0 or j - i > 32:
+        return None
+    return frame[i:j].decode("ascii", "replace")
+
+
+# --------------------------------------------------------------------------------------
+# everything else: the session's messages
+
+class Heartbeat(Struct, frozen=True):
+    pass
+
+
+class StatusData(Struct, frozen=True):
+    system: str
+    api_version: str = ""
+    connection_id: int = 0
+    version: str = ""
+
+
+class Status(Struct, frozen=True):
+    data: list[StatusData]
+    type: str = "update"
+
+
+class BookMessage(Struct, frozen=True):
+    """A book frame seen by the session: only what liveness needs (symbol, type)."""
+
+    type: str
+    symbols: tuple[str, ...]
+
+
+class Trade(Struct, frozen=True):
+    symbol: str
+    side: str
+    price: str
+    qty: str
+    ord_type: str
+    trade_id: int
+    timestamp: str
+
+
+class TradeMessage(Struct, frozen=True):
+    type: str
+    data: list[Trade]
+
+
+class Candle(Struct, frozen=True):
+    symbol: str
+    open: str
+    high: str
+    low: str
+    close: str
+    vwap: str
+    volume: str
+    trades: int
+    interval_begin: str
+    interval: int
+
+
+class OhlcMessage(Struct, frozen=True):
+    type: str
+    data: list[Candle]
+
+
+class InstrumentPair(Struct, frozen=True):
+    symbol: str
+    status: str
+    price_precision: int
+    qty_precision: int
+    base: str = ""
+    quote: str = ""
+    price_increment: str = ""
+    qty_increment: str = ""
+    qty_min: str = ""
+
+
+class InstrumentMessage(Struct, frozen=True):
+    type: str
+    pairs: list[InstrumentPair]
+
+
+class AckResult(Struct, frozen=True):
+    channel: str = ""
+    symbol: str | None = None
+    depth: int | None = None
+    interval: int | None = None
+    snapshot: bool | None = None
+    warnings: tuple[str, ...] = ()
+
+
+class Ack(Struct, frozen=True):
+    """A subscribe/unsubscribe acknowledgement; `success` must always be checked.
+
+    A refused subscription may carry no `result` and no symbol (PROTOCOL.md 1.4).
+    """
+
+    method: str
+    success: bool
+    result: AckResult | None = None
+    error: str | None = None
+    req_id: int | None = None
+    symbol: str | None = None  # top-level symbol on some refusals ("Currency pair not supported")
+
+
+class Pong(Struct, frozen=True):
+    req_id: int | None = None
+
+
+class ErrorFrame(Struct, frozen=True):
+    """`{"Error": "Exceeded msg rate"}` (capital E) or `{"error": ..., "method": "error"}`."""
+
+    error: str
+    req_id: int | None = None
+
+
+Message = (Heartbeat | Status | BookMessage | TradeMessage | OhlcMessage | InstrumentMessage
+           | Ack | Pong | ErrorFrame)
+
+
+class _Envelope(Struct, gc=False):
+    channel: str | None = None
+    method: str | None = None
+    type: str | None = None
+    Error: str | None = None
+    error: str | None = None
+
+
+class _StatusRaw(Struct):
+    data: list[StatusData]
+    type: str = "update"
+
+
+class _BookPeek(Struct):
+    symbol: str
+
+
+class _BookPeekMsg(Struct):
+    type: str
+    data: list[_BookPeek]
+
+
+class _TradeRaw(Struct):
+    symbol: str
+    side: str
+    price: Raw
+    qty: Raw
+    ord_type: str
+    trade_id: int
+    timestamp: str
+
+
+class _TradeMsgRaw(Struct):
+    type: str
+    data: list[_TradeRaw]
+
+
+class _CandleRaw(Struct):
+    symbol: str
+    open: Raw
+    high: Raw
+    low: Raw
+    close: Raw
+    vwap: Raw
+    volume: Raw
+    interval_begin: str
+    interval: int
+    trades: Raw = Raw(b"0")
+
+
+class _OhlcMsgRaw(Struct):
+    type: str
+    data: list[_CandleRaw]
+
+
+class _InstrPairRaw(Struct):
+    symbol: str
+    status: str
+    price_precision: int
+    qty_precision: int
+    base: str = ""
+    quote: str = ""
+    price_increment: Raw = Raw(b'""')
+    qty_increment: Raw = Raw(b'""')
+    qty_min: Raw = Raw(b'""')
+
+
+class _InstrData(Struct):
+    pairs: list[_InstrPairRaw] = []
+
+
+class _InstrMsgRaw(Struct):
+    type: str
+    data: _InstrData
+
+
+class _AckRaw(Struct):
+    method: str
+    success: bool = False
+    result: AckResult | None = None
+    error: str | None = None
+    req_id: int | None = None
+    symbol: str | None = None
+
+
+class _PongRaw(Struct):
+    req_id: int | None = None
+
+
+_env_dec = msgspec.json.Decoder(_Envelope)
+_status_dec = msgspec.json.Decoder(_StatusRaw)
+_book_peek_dec = msgspec.json.Decoder(_BookPeekMsg)
+_trade_dec = msgspec.json.Decoder(_TradeMsgRaw)
+_ohlc_dec = msgspec.json.Decoder(_OhlcMsgRaw)
+_instr_dec = msgspec.json.Decoder(_InstrMsgRaw)
+_ack_dec = msgspec.json.Decoder(_AckRaw)
+_pong_dec = msgspec.json.Decoder(_PongRaw)
+
+
+def _optional_decimal(raw: Raw) -> str:
+    b = bytes(raw)
+    return "" if b in (b'""', b"null") else decimal_text(b)
+
+
+def _trades_count(raw: Raw) -> int:
+    text = decimal_text(raw)
+    whole, _, frac = text.partition(".")
+    if frac.strip("0"):
+        raise WireError(f"trades count is not an integer: {text}")
+    return int(whole)
+
+
+def _decode_channel(channel: str, frame: bytes) -> Message:
+    if channel == "heartbeat":
+        return Heartbeat()
+    if channel == "book":
+        m = _book_peek_dec.decode(frame)
+        _type_flag(m.type)
+        return BookMessage(m.type, tuple(d.symbol for d in m.data))
+    if channel == "status":
+        m = _status_dec.decode(frame)
+        if not m.data:
+            raise WireError("status frame without data")
+        return Status(m.data, m.type)
+    if channel == "trade":
+        m = _trade_dec.decode(frame)
+        return TradeMessage(m.type, [
+            Trade(t.symbol, t.side, decimal_text(t.price), decimal_text(t.qty), t.ord_type,
+                  t.trade_id, t.timestamp) for t in m.data])
+    if channel == "ohlc":
+        m = _ohlc_dec.decode(frame)
+        return OhlcMessage(m.type, [
+            Candle(c.symbol, decimal_text(c.open), decimal_text(c.high), decimal_text(c.low),
+                   decimal_text(c.close), decimal_text(c.vwap), decimal_text(c.volume),
+                   _trades_count(c.trades), c.interval_begin, c.interval) for c in m.data])
+    if channel == "instrument":
+        m = _instr_dec.decode(frame)
+        return InstrumentMessage(m.type, [
+            InstrumentPair(p.symbol, p.status, p.price_precision, p.qty_precision, p.base,
+                           p.quote, _optional_decimal(p.price_increment),
+                           _optional_decimal(p.qty_increment), _optional_decimal(p.qty_min))
+            for p in m.data.pairs])
+    raise WireError(f"unknown channel {channel[:40]!r}")
+
+
+def decode_message(frame: bytes) -> Message:
+    """Decode any Kraken v2 frame into one of the `Message` Structs, or raise WireError."""
+    try:
+        env = _env_dec.decode(frame)
+        if env.channel is not None:
+            return _decode_channel(env.channel, frame)
+        if env.Error is not None:
+            return ErrorFrame(env.Error)
+        method = env.method
+        if method in ("subscribe", "unsubscribe"):
+            a = _ack_dec.decode(frame)
+            if not a.success and a.error is None:
+                raise WireError(f"{method} ack with success=false and no error")
+            return Ack(a.method, a.success, a.result, a.error, a.req_id, a.symbol)
+        if method == "pong":
+            return Pong(_pong_dec.decode(frame).req_id)
+        if env.error is not None:
+            return ErrorFrame(env.error, _pong_dec.decode(frame).req_id)
+        if method is not None:
+            raise WireError(f"unknown method {method[:40]!r}")
+        raise WireError("frame has neither channel nor method")
+    except msgspec.DecodeError as e:  # includes ValidationError
+        raise WireError(f"malformed frame: {e}") from None
