@@ -1,0 +1,136 @@
+"""Internal ZMQ messages between ingest, bookd and the bus (DESIGN.md section 3).
+
+One message per ZMQ frame (no multipart on the hot path). Every message starts with a
+fixed 32-byte little-endian header:
+
+    offset size field
+    0      1    kind        FRAME (a raw Kraken book frame follows), CONTROL (a msgpack
+                            control Struct follows) or EVENT (a bus event follows)
+    1      1    version     HEADER_VERSION; a receiver drops and counts other versions
+    2      2    pair_index  index of the pair in `[trading] pairs`, NO_PAIR if none
+    4      4    reserved    0
+    8      8    conn_id     ingest's connection id (unique across ingest restarts)
+    16     8    seq         per (conn_id, pair) sequence number, from 1, for FRAME;
+                            0 otherwise
+    24     8    recv_ns     unix ns when ingest received the frame (0 if not a frame)
+
+FRAME payloads are the WebSocket text frame exactly as received: never re-serialized.
+CONTROL payloads are one of the `Control` Structs in msgpack (tagged union on `kind`).
+EVENT payloads are `topic SP type SP json`, the event as the bus wraps it into its
+envelope (see bus/schema.py); producers never stamp bus sequence numbers.
+
+Pure module: no sockets, no clock.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+HEADER = struct.Struct("<BBHIQQQ")
+HEADER_SIZE = HEADER.size  # 32
+HEADER_VERSION = 1
+NO_PAIR = 0xFFFF
+
+FRAME = 1
+CONTROL = 2
+EVENT = 3
+KINDS = (FRAME, CONTROL, EVENT)
+
+
+class MessageError(ValueError):
+    """A malformed internal message (short, unknown kind or version, bad payload)."""
+
+
+class PairInfo(msgspec.Struct, frozen=True, tag="pair_info", tag_field="kind"):
+    """Sent by ingest before the first book frame of a connection, once per pair."""
+
+    conn_id: int
+    pair: str
+    pair_index: int
+    depth: int
+    price_precision: int
+    qty_precision: int
+    status: str = "online"
+    price_increment: str = ""
+    qty_increment: str = ""
+
+
+class Stale(msgspec.Struct, frozen=True, tag="stale", tag_field="kind"):
+    """A pair's book subscription went silent (or its snapshot never came)."""
+
+    conn_id: int
+    pair: str
+    reason: str
+    silent_ns: int = 0
+
+
+class ResyncRequest(msgspec.Struct, frozen=True, tag="resync", tag_field="kind"):
+    """bookd -> ingest: send fresh snapshots of these pairs (unsubscribe, subscribe)."""
+
+    pairs: tuple[str, ...]
+    reason: str
+    conn_id: int = 0  # the connection whose book was bad; 0 = whatever is current
+
+
+class ConnectionState(msgspec.Struct, frozen=True, tag="conn", tag_field="kind"):
+    """ingest -> bookd: a connection went up or down (bookd drops that conn's books)."""
+
+    conn_id: int
+    up: bool
+    reason: str = ""
+
+
+Control = PairInfo | Stale | ResyncRequest | ConnectionState
+
+_enc = msgspec.msgpack.Encoder()
+_control_dec = msgspec.msgpack.Decoder(Control)
+_pack = HEADER.pack
+_unpack_from = HEADER.unpack_from
+
+
+def pack_frame(frame: bytes, conn_id: int, pair_index: int, seq: int, recv_ns: int) -> bytes:
+    """Header + raw book frame, as one ZMQ message."""
+    return _pack(FRAME, HEADER_VERSION, pair_index, 0, conn_id, seq, recv_ns) + frame
+
+
+def pack_control(msg: Control, conn_id: int = 0, pair_index: int = NO_PAIR) -> bytes:
+    return _pack(CONTROL, HEADER_VERSION, pair_index, 0, conn_id, 0, 0) + _enc.encode(msg)
+
+
+def pack_event(topic: str, type_name: str, event_json: bytes, recv_ns: int = 0) -> bytes:
+    """A bus event from a producer: the bus adds the envelope (epoch, seq, pub_ns)."""
+    if " " in topic or " " in type_name:
+        raise MessageError("topic and type must not contain spaces")
+    return (_pack(EVENT, HEADER_VERSION, NO_PAIR, 0, 0, 0, recv_ns)
+            + topic.encode() + b" " + type_name.encode() + b" " + event_json)
+
+
+def unpack_header(msg: bytes) -> tuple[int, int, int, int, int]:
+    """(kind, pair_index, conn_id, seq, recv_ns); raises MessageError."""
+    if len(msg) < HEADER_SIZE:
+        raise MessageError(f"message of {len(msg)} bytes is shorter than the header")
+    kind, version, pair_index, _, conn_id, seq, recv_ns = _unpack_from(msg)
+    if version != HEADER_VERSION:
+        raise MessageError(f"header version {version}, expected {HEADER_VERSION}")
+    if kind not in KINDS:
+        raise MessageError(f"unknown message kind {kind}")
+    return kind, pair_index, conn_id, seq, recv_ns
+
+
+def decode_control(msg: bytes) -> Control:
+    try:
+        return _control_dec.decode(memoryview(msg)[HEADER_SIZE:])
+    except msgspec.DecodeError as e:
+        raise MessageError(f"bad control message: {e}") from None
+
+
+def split_event(msg: bytes) -> tuple[str, str, bytes]:
+    """(topic, type, event_json) of an EVENT message."""
+    body = msg[HEADER_SIZE:]
+    a = body.find(b" ")
+    b = body.find(b" ", a + 1)
+    if a <= 0 or b <= a + 1:
+        raise MessageError("event message without topic and type")
+    return body[:a].decode(), body[a + 1:b].decode(), body[b + 1:]
