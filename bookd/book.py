@@ -27,6 +27,10 @@ each level. `bisect` finds a level in O(log n); list insert/delete are memmoves.
 Invariant: chunks[i] is not None for i < 10. Snapshots format only their top 10
 (cheap 1000-level snapshots); inserts and replaces always format their level; when a
 delete inside the top 10 pulls level 10 up to index 9, its chunk is filled then.
+
+A fourth parallel list, `frags`, is a cache slot for publishers (bookd keeps each
+level's rendered JSON there): the core only keeps it aligned, setting None on every
+insert or replace, so a publisher re-renders exactly the levels that changed.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class CrossedBook(BookError):
         self.ask = ask
 
 
-def _apply_side(keys: list, qtys: list, chunks: list, levels: Levels, neg: bool) -> None:
+def _apply_side(keys: list, qtys: list, chunks: list, frags: list, levels: Levels,
+                neg: bool) -> None:
     for p, q in levels:
         k = -p if neg else p
         i = bisect_left(keys, k)
@@ -61,8 +66,9 @@ def _apply_side(keys: list, qtys: list, chunks: list, levels: Levels, neg: bool)
             if q:
                 qtys[i] = q
                 chunks[i] = b"%d%d" % (p, q)
+                frags[i] = None
             else:
-                del keys[i], qtys[i], chunks[i]
+                del keys[i], qtys[i], chunks[i], frags[i]
                 if i < TOP and len(chunks) >= TOP and chunks[TOP - 1] is None:
                     kk = keys[TOP - 1]
                     chunks[TOP - 1] = b"%d%d" % (-kk if neg else kk, qtys[TOP - 1])
@@ -70,9 +76,10 @@ def _apply_side(keys: list, qtys: list, chunks: list, levels: Levels, neg: bool)
             keys.insert(i, k)
             qtys.insert(i, q)
             chunks.insert(i, b"%d%d" % (p, q))
+            frags.insert(i, None)
 
 
-def _snapshot_side(levels: Levels, neg: bool, depth: int) -> tuple[list, list, list] | None:
+def _snapshot_side(levels: Levels, neg: bool, depth: int) -> tuple[list, list, list, list] | None:
     """Fast path for a snapshot already best-first, without duplicates or zeros."""
     keys = [-p for p, _ in levels] if neg else [p for p, _ in levels]
     qtys = [q for _, q in levels]
@@ -81,14 +88,15 @@ def _snapshot_side(levels: Levels, neg: bool, depth: int) -> tuple[list, list, l
     del keys[depth:], qtys[depth:]
     chunks: list = [b"%d%d" % lv for lv in levels[:TOP]]
     chunks.extend([None] * (len(keys) - len(chunks)))
-    return keys, qtys, chunks
+    return keys, qtys, chunks, [None] * len(keys)
 
 
 class Book:
     """One pair's L2 book at a subscribed depth."""
 
     __slots__ = ("symbol", "depth", "price_precision", "qty_precision",
-                 "ask_keys", "ask_qtys", "ask_chunks", "bid_keys", "bid_qtys", "bid_chunks",
+                 "ask_keys", "ask_qtys", "ask_chunks", "ask_frags", "bid_keys", "bid_qtys",
+                 "bid_chunks", "bid_frags",
                  "last_checksum")
 
     def __init__(self, symbol: str, depth: int, price_precision: int = 0,
@@ -105,9 +113,11 @@ class Book:
         self.ask_keys: list[int] = []
         self.ask_qtys: list[int] = []
         self.ask_chunks: list[bytes | None] = []
+        self.ask_frags: list[bytes | None] = []
         self.bid_keys: list[int] = []
         self.bid_qtys: list[int] = []
         self.bid_chunks: list[bytes | None] = []
+        self.bid_frags: list[bytes | None] = []
         self.last_checksum: int | None = None
 
     def apply(self, snapshot: bool, bids: Levels, asks: Levels) -> int:
@@ -120,23 +130,29 @@ class Book:
             self.clear()
             side = _snapshot_side(asks, False, depth)
             if side is None:
-                _apply_side(self.ask_keys, self.ask_qtys, self.ask_chunks, asks, False)
+                _apply_side(self.ask_keys, self.ask_qtys, self.ask_chunks, self.ask_frags,
+                            asks, False)
             else:
-                self.ask_keys, self.ask_qtys, self.ask_chunks = side
+                self.ask_keys, self.ask_qtys, self.ask_chunks, self.ask_frags = side
             side = _snapshot_side(bids, True, depth)
             if side is None:
-                _apply_side(self.bid_keys, self.bid_qtys, self.bid_chunks, bids, True)
+                _apply_side(self.bid_keys, self.bid_qtys, self.bid_chunks, self.bid_frags,
+                            bids, True)
             else:
-                self.bid_keys, self.bid_qtys, self.bid_chunks = side
+                self.bid_keys, self.bid_qtys, self.bid_chunks, self.bid_frags = side
         else:
             if asks:
-                _apply_side(self.ask_keys, self.ask_qtys, self.ask_chunks, asks, False)
+                _apply_side(self.ask_keys, self.ask_qtys, self.ask_chunks, self.ask_frags,
+                            asks, False)
             if bids:
-                _apply_side(self.bid_keys, self.bid_qtys, self.bid_chunks, bids, True)
+                _apply_side(self.bid_keys, self.bid_qtys, self.bid_chunks, self.bid_frags,
+                            bids, True)
         if len(self.ask_keys) > depth:
-            del self.ask_keys[depth:], self.ask_qtys[depth:], self.ask_chunks[depth:]
+            del (self.ask_keys[depth:], self.ask_qtys[depth:], self.ask_chunks[depth:],
+                 self.ask_frags[depth:])
         if len(self.bid_keys) > depth:
-            del self.bid_keys[depth:], self.bid_qtys[depth:], self.bid_chunks[depth:]
+            del (self.bid_keys[depth:], self.bid_qtys[depth:], self.bid_chunks[depth:],
+                 self.bid_frags[depth:])
         crc = checksum_chunks(self.ask_chunks, self.bid_chunks)
         self.last_checksum = crc
         if self.ask_keys and self.bid_keys and -self.bid_keys[0] >= self.ask_keys[0]:
