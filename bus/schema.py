@@ -124,6 +124,8 @@ class MarketDataL2Event(_Event, kw_only=True):
     recv_ns: UnixNs  # when ingest received the frame
     snapshot: bool  # the frame was a snapshot (first, or a resync)
     depth: Annotated[int, msgspec.Meta(ge=1)]  # subscribed depth
+    price_precision: Precision  # decimals of every price (Kraken's instrument channel)
+    qty_precision: Precision  # decimals of every qty
 
 
 class MarketDataL2EventTicks(_Event, kw_only=True):
@@ -360,20 +362,23 @@ def _levels_to_ticks(levels: list[Level], pp: int, qp: int) -> list[TickLevel]:
     return out
 
 
-def l2_to_ticks(event: MarketDataL2Event, price_precision: int,
-                qty_precision: int) -> MarketDataL2EventTicks:
-    """The msgspec form of a book event; raises TickOverflowError past uint64."""
+def l2_to_ticks(event: MarketDataL2Event) -> MarketDataL2EventTicks:
+    """The msgpack form of a book event, at the event's own precisions.
+
+    Raises TickOverflowError past uint64, SchemaError for a value with more decimals
+    than its precision.
+    """
     fields = msgspec.structs.asdict(event)
-    fields["bids"] = _levels_to_ticks(event.bids, price_precision, qty_precision)
-    fields["asks"] = _levels_to_ticks(event.asks, price_precision, qty_precision)
-    return MarketDataL2EventTicks(price_precision=price_precision,
-                                  qty_precision=qty_precision, **fields)
+    pp, qp = event.price_precision, event.qty_precision
+    fields["bids"] = _levels_to_ticks(event.bids, pp, qp)
+    fields["asks"] = _levels_to_ticks(event.asks, pp, qp)
+    return MarketDataL2EventTicks(**fields)
 
 
 def l2_from_ticks(event: MarketDataL2EventTicks) -> MarketDataL2Event:
     """Back to decimal strings at the event's precisions (exact)."""
     fields = msgspec.structs.asdict(event)
-    pp, qp = fields.pop("price_precision"), fields.pop("qty_precision")
+    pp, qp = fields["price_precision"], fields["qty_precision"]
     for side in ("bids", "asks"):
         fields[side] = [(ticks_to_decimal(p, pp), ticks_to_decimal(q, qp))
                         for p, q in fields[side]]

@@ -66,7 +66,8 @@ ASKS = [("45285.2", "0.00100000"), ("45286.4", "1.54571953"), ("45286.6", "1.545
 L2 = MarketDataL2Event(
     pair="BTC/USD", timestamp="2023-10-06T17:35:55.440295Z", bids=BIDS, asks=ASKS,
     checksum=3310070434, conn_id=1, exchange_ts_ns=1696613755440295000,
-    recv_ns=1696613755442107345, snapshot=True, depth=10)
+    recv_ns=1696613755442107345, snapshot=True, depth=10, price_precision=1,
+    qty_precision=8)
 TRADE = MarketDataTradeEvent(
     pair="MATIC/USD", trade_id=4665906, side="sell", price="0.5117", qty="40.0",
     ord_type="market", timestamp="2023-09-25T07:49:37.708706Z", recv_ns=1695628177709912004)
@@ -90,7 +91,7 @@ HALT = HaltDecision(
                           at="2026-08-16T23:40:00.000000000Z")],
     stopped=["ingest", "bookd", "bus"])
 JSON_EVENTS = [L2, TRADE, OHLC, SYSTEM, TRIGGER, STATS, HALT]
-MSGPACK_EVENTS = [l2_to_ticks(L2, 1, 8), *JSON_EVENTS[1:]]
+MSGPACK_EVENTS = [l2_to_ticks(L2), *JSON_EVENTS[1:]]
 
 
 def envelope(event, seq=1):
@@ -144,7 +145,7 @@ def test_json_values_are_decimal_strings_never_floats():
 
 
 def test_book_ticks_form_for_msgpack():
-    ticks = l2_to_ticks(L2, price_precision=1, qty_precision=8)
+    ticks = l2_to_ticks(L2)
     assert ticks.bids[0] == (452835, 10000000) and ticks.asks[0] == (452852, 100000)
     assert (ticks.price_precision, ticks.qty_precision, ticks.checksum) == (1, 8, 3310070434)
     assert l2_from_ticks(ticks) == L2
@@ -158,14 +159,18 @@ def test_book_ticks_form_for_msgpack():
 
 
 def test_book_ticks_at_uint64_limit_and_beyond():
-    big = msgspec.structs.replace(L2, bids=[(str(U64_MAX), "1.00000000")], asks=[])
-    ticks = l2_to_ticks(big, 0, 8)
+    big = msgspec.structs.replace(L2, bids=[(str(U64_MAX), "1.00000000")], asks=[],
+                                  price_precision=0)
+    ticks = l2_to_ticks(big)
     assert ticks.bids == [(U64_MAX, 100000000)]
     assert decode_envelope_msgpack(encode_envelope_msgpack(envelope(ticks)))[1] == ticks
     with pytest.raises(TickOverflowError):
-        l2_to_ticks(big, 1, 8)  # 10 * (2**64 - 1) ticks cannot be represented
+        # 10 * (2**64 - 1) ticks cannot be represented
+        l2_to_ticks(msgspec.structs.replace(big, bids=[(str(U64_MAX) + ".0", "1.00000000")],
+                                            price_precision=1))
     with pytest.raises(SchemaError):
-        l2_to_ticks(L2, 0, 8)  # "45283.5" has more decimals than precision 0
+        # "45283.5" has more decimals than precision 0
+        l2_to_ticks(msgspec.structs.replace(L2, price_precision=0))
 
 
 def test_decode_is_tolerant_of_additions_and_strict_on_contract():
@@ -378,9 +383,10 @@ levels = st.lists(st.tuples(st.integers(0, U64_MAX), st.integers(0, U64_MAX)), m
 def test_l2_both_encodings_round_trip(bids, asks, pp, qp):
     def dec(side):
         return [(ticks_to_decimal(p, pp), ticks_to_decimal(q, qp)) for p, q in side]
-    event = msgspec.structs.replace(L2, bids=dec(bids), asks=dec(asks))
+    event = msgspec.structs.replace(L2, bids=dec(bids), asks=dec(asks), price_precision=pp,
+                                    qty_precision=qp)
     assert decode_envelope_json(encode_envelope_json(envelope(event)))[1] == event
-    ticks = l2_to_ticks(event, pp, qp)
+    ticks = l2_to_ticks(event)
     assert (ticks.bids, ticks.asks) == (bids, asks)
     got = decode_envelope_msgpack(encode_envelope_msgpack(envelope(ticks)))[1]
     assert isinstance(got, MarketDataL2EventTicks) and l2_from_ticks(got) == event
