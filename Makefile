@@ -5,7 +5,8 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint soak bench bench-quick clean
+.PHONY: venv test lint soak bench bench-quick clean run status stop clear-halt
+SVCTL   := $(VPY) -m supervisor.supervisorctl -c supervisord.conf
 
 # Create the venv and install the project with its test extra. Idempotent: the stamp
 # is newer than pyproject.toml when nothing changed, so a second call costs nothing.
@@ -26,6 +27,37 @@ lint: venv
 
 soak: venv
 	$(VPY) -m pytest -q -m soak -o addopts="" $(PYTEST_ARGS)
+
+# Start the whole system in the foreground under supervisord. Default: the bundled replay
+# server plays a synthetic Kraken market (no network). LIVE=1: wss://ws.kraken.com/v2.
+# Ctrl-C stops everything in order (ingest, bookd, bus, replay, haltd).
+run: venv
+	@mkdir -p run
+	@if [ -f run/halt.json ]; then \
+	  echo "krakenfeed is HALTED: run/halt.json says why:"; sed -n '1,20p' run/halt.json; \
+	  echo "Read it, fix the cause, then 'make clear-halt' and 'make run' again."; exit 1; fi
+	@$(SVCTL) status >/dev/null 2>&1; rc=$$?; if [ $$rc -ne 4 ]; then \
+	  echo "krakenfeed is already running here (supervisord answers on run/supervisor.sock)."; \
+	  echo "See 'make status'; stop it with 'make stop'."; exit 1; fi
+	@if [ -n "$(LIVE)" ]; then $(VPY) scripts/live_conf.py supervisord.conf run/supervisord.live.conf; fi
+	@echo "krakenfeed: starting $(if $(LIVE),LIVE on wss://ws.kraken.com/v2,on the bundled synthetic market) (Ctrl-C stops it)"
+	@echo "  programs : $(if $(LIVE),,replay ,)ingest, bookd, bus, haltd (supervisord.conf)"
+	@echo "  logs     : run/<program>.log, run/supervisord.log"
+	@echo "  watch    : .venv/bin/python -m bus.tail          (bus events)"
+	@echo "             .venv/bin/python -m bookd.top         (books in shared memory)"
+	@echo "  control  : make status | make stop"
+	@exec $(VPY) -m supervisor.supervisord -n -c $(if $(LIVE),run/supervisord.live.conf,supervisord.conf)
+
+status: venv
+	@$(SVCTL) status; rc=$$?; if [ $$rc -eq 4 ]; then echo "krakenfeed is not running"; exit 0; fi; \
+	  $(VPY) -m bookd.top --once || true
+
+stop: venv
+	@$(SVCTL) shutdown >/dev/null 2>&1 && echo "krakenfeed: stopping (ordered shutdown)" || echo "krakenfeed is not running"
+
+clear-halt:
+	@if [ -f run/halt.json ]; then f=run/halt-$$(date -u +%Y%m%dT%H%M%SZ).json; mv run/halt.json $$f; \
+	  echo "halt cleared; the decision is kept in $$f"; else echo "no halt to clear"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -1,0 +1,362 @@
+"""bookd's per-pair logic: validate every message, publish or withhold, ask for resyncs.
+
+`BookKeeper` is the core of the bookd process without its sockets: it is fed the
+internal messages ingest sends (`on_frame` for book frames with their header fields,
+`on_control` for PairInfo / Stale / ConnectionState) and the time (`on_tick`), and it
+drives two sinks given at construction:
+
+* `writer`: the shared-memory BookWriter (`publish`, `set_state`, `set_precision`,
+  `count`), or a fake in tests;
+* `out`: an object with `event(topic, type_name, json_bytes)` (to the bus) and
+  `resync(ResyncRequest)` (to ingest).
+
+Per pair, the states (shared memory words in brackets):
+
+    event                                 from            to
+    ---------------------------------------------------------------------------------
+    PairInfo for a new conn_id            any             AWAIT_SNAPSHOT [resyncing]
+    snapshot, checksum ok                 AWAIT_SNAPSHOT  LIVE [valid], event out
+    update, checksum ok                   LIVE            LIVE [valid], event out
+    update while awaiting a snapshot      AWAIT_SNAPSHOT  (ignored, counted)
+    checksum mismatch (< N in a row)      LIVE            SUSPECT [resyncing], withheld
+    checksum ok again                     SUSPECT         LIVE [valid]
+    mismatch N in a row, gap in seq,      LIVE/SUSPECT    AWAIT_SNAPSHOT [resyncing],
+      crossed book, decode error                          ResyncRequest to ingest
+    too many resyncs in the window        any             + PotentialHaltTrigger (once)
+    Stale notice / no data for stale_s    LIVE            (same) [stale]
+    connection down                       any             AWAIT_SNAPSHOT [stale]
+    value >= 2**64 ticks                  any             HALTED [halted], no trigger
+
+N is the seed's `max_checksum_mismatches_before_resub` (default 1: resync at once).
+A pair never leaves HALTED while this process runs. Every event for a pair that is not
+LIVE is withheld: no wrong book leaves bookd.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import msgspec
+
+from bookd.book import Book, BookError
+from bookd.layout import BookState
+from bus.schema import (
+    HALTED,
+    INTEGRITY,
+    RESYNCING,
+    STALE,
+    VALID,
+    PotentialHaltTriggerEvent,
+    SystemStateEvent,
+    book_topic,
+    ns_to_rfc3339,
+    rfc3339_to_ns,
+    ticks_to_decimal,
+)
+from ingest.messages import ConnectionState, PairInfo, ResyncRequest, Stale
+from ingest.wire import WireError, decode_book
+
+log = logging.getLogger("bookd")
+
+AWAIT_SNAPSHOT, LIVE, SUSPECT, HALT = range(4)
+_U64 = 2**64
+_json = msgspec.json.Encoder()
+
+
+class _Pair:
+    __slots__ = ("index", "name", "book", "phase", "conn_id", "last_seq", "misses",
+                 "resyncs", "last_data_ns", "shm_state", "prefix", "pp", "qp",
+                 "triggered", "resync_pending_ns", "suffix")
+
+    def __init__(self, index: int, name: str, depth: int) -> None:
+        self.index = index
+        self.name = name
+        self.book = Book(name, depth)
+        self.phase = AWAIT_SNAPSHOT
+        self.conn_id = 0
+        self.last_seq = 0
+        self.misses = 0
+        self.resyncs: deque[int] = deque()
+        self.last_data_ns = 0
+        self.shm_state = BookState.EMPTY
+        self.pp = -1
+        self.qp = -1
+        self.triggered = False
+        self.resync_pending_ns = 0
+        self.prefix = b'{"pair":' + _json.encode(name) + b',"timestamp":'
+        self.suffix = b"}"
+
+
+def _render(ticks: int, precision: int) -> bytes:
+    return ticks_to_decimal(ticks, precision).encode()
+
+
+_minute_base: dict[str, int] = {}
+
+
+def exchange_ts_ns(ts: str | None) -> int:
+    """Kraken's RFC3339 `timestamp` as unix ns (0 when absent or unparseable).
+
+    The common shape `YYYY-MM-DDTHH:MM:SS.ffffffZ` is parsed by slicing, with the
+    minute's base cached; anything else goes through bus.schema.rfc3339_to_ns.
+    """
+    if not ts:
+        return 0
+    try:
+        if len(ts) > 20 and ts[19] == "." and ts[-1] == "Z":
+            head = ts[:17]
+            base = _minute_base.get(head)
+            if base is None:
+                if len(_minute_base) > 4096:
+                    _minute_base.clear()
+                base = _minute_base[head] = rfc3339_to_ns(head + "00Z")
+            frac = ts[20:-1]
+            return base + int(ts[17:19]) * 10**9 + int(frac[:9].ljust(9, "0"))
+        return rfc3339_to_ns(ts)
+    except ValueError:
+        return 0
+
+
+class BookKeeper:
+    def __init__(self, pairs: list[str], depth: int, writer, out, *, clock_ns,
+                 max_mismatches: int = 1, max_resyncs: int = 5,
+                 resync_window_ns: int = 300 * 10**9, stale_ns: int = 60 * 10**9,
+                 resync_retry_ns: int = 10 * 10**9, service_name: str = "bookd") -> None:
+        self.pairs = [_Pair(i, p, depth) for i, p in enumerate(pairs)]
+        self.by_name = {p.name: p for p in self.pairs}
+        self.depth = depth
+        self.writer = writer
+        self.out = out
+        self.clock_ns = clock_ns  # wall clock (unix ns), for event timestamps only
+        self.max_mismatches = max_mismatches
+        self.max_resyncs = max_resyncs
+        self.resync_window_ns = resync_window_ns
+        self.stale_ns = stale_ns
+        self.resync_retry_ns = resync_retry_ns
+        self.service = service_name
+        self.precisions: dict[str, tuple[int, int]] = {}
+        self.counters = dict.fromkeys((
+            "frames", "updates", "events", "mismatches", "resyncs", "gaps", "decode_errors",
+            "crossed", "ignored", "unknown_pair", "stale", "halted_pairs", "triggers"), 0)
+
+    # -- inputs ----------------------------------------------------------------------
+    def on_control(self, msg, now_ns: int) -> None:
+        if isinstance(msg, PairInfo):
+            self._pair_info(msg, now_ns)
+        elif isinstance(msg, Stale):
+            p = self.by_name.get(msg.pair)
+            if p is not None and p.conn_id == msg.conn_id and p.phase != HALT:
+                self.counters["stale"] += 1
+                self._set_state(p, BookState.STALE, f"{msg.reason}", STALE)
+        elif isinstance(msg, ConnectionState) and not msg.up:
+            for p in self.pairs:
+                if p.conn_id == msg.conn_id and p.phase != HALT:
+                    p.phase = AWAIT_SNAPSHOT
+                    self._set_state(p, BookState.STALE, f"connection down: {msg.reason}", STALE)
+
+    def _pair_info(self, info: PairInfo, now_ns: int) -> None:
+        p = self.by_name.get(info.pair)
+        if p is None:
+            self.counters["unknown_pair"] += 1
+            log.warning("PairInfo for unconfigured pair %s ignored", info.pair)
+            return
+        if info.depth != self.depth:
+            log.error("%s: ingest subscribed depth %d, bookd keeps %d; check the config",
+                      info.pair, info.depth, self.depth)
+        self.precisions[info.pair] = (info.price_precision, info.qty_precision)
+        if (info.price_precision, info.qty_precision) != (p.pp, p.qp):
+            p.pp, p.qp = info.price_precision, info.qty_precision
+            self.writer.set_precision(p.index, p.pp, p.qp)
+            p.book.price_precision, p.book.qty_precision = p.pp, p.qp
+            p.book.clear()  # cached renderings are at the old precision
+            p.suffix = b',"depth":%d,"price_precision":%d,"qty_precision":%d}' % (
+                self.depth, p.pp, p.qp)
+        if info.conn_id != p.conn_id:
+            p.conn_id = info.conn_id
+            p.last_seq = 0
+            if p.phase != HALT:
+                p.phase = AWAIT_SNAPSHOT
+                p.resync_pending_ns = now_ns  # a fresh connection sends snapshots itself
+                if p.shm_state == BookState.VALID:
+                    self._set_state(p, BookState.RESYNCING, "new connection", RESYNCING)
+
+    def on_frame(self, pair_index: int, conn_id: int, seq: int, recv_ns: int,
+                 frame: bytes, now_ns: int) -> None:
+        self.counters["frames"] += 1
+        try:
+            p = self.pairs[pair_index]
+        except IndexError:
+            self.counters["unknown_pair"] += 1
+            return
+        if p.phase == HALT:
+            return
+        if conn_id != p.conn_id or p.pp < 0:
+            # A frame before its connection's PairInfo: ingest guarantees the order, so
+            # this is a frame of an old connection still in flight. Drop it.
+            self.counters["ignored"] += 1
+            return
+        if seq != p.last_seq + 1:
+            self.counters["gaps"] += 1
+            expected = p.last_seq + 1
+            p.last_seq = seq
+            if p.phase != AWAIT_SNAPSHOT:  # awaiting a snapshot anyway: nothing to lose
+                self._resync(p, f"sequence gap: expected {expected}, got {seq}", now_ns)
+                return
+        p.last_seq = seq
+        p.last_data_ns = now_ns
+        try:
+            updates = decode_book(frame, self.precisions)
+        except WireError as e:
+            self.counters["decode_errors"] += 1
+            self._resync(p, f"undecodable book frame: {e}", now_ns)
+            return
+        for u in updates:
+            if u.symbol != p.name:
+                q = self.by_name.get(u.symbol)
+                if q is None:
+                    self.counters["unknown_pair"] += 1
+                    continue
+            else:
+                q = p
+            self._apply(q, u, recv_ns, now_ns)
+
+    def _apply(self, p: _Pair, u, recv_ns: int, now_ns: int) -> None:
+        self.counters["updates"] += 1
+        if p.phase == AWAIT_SNAPSHOT and not u.snapshot:
+            self.counters["ignored"] += 1
+            if now_ns - p.resync_pending_ns > self.resync_retry_ns:
+                self._resync(p, "updates without a snapshot", now_ns)
+            return
+        book = p.book
+        try:
+            crc = book.apply(u.snapshot, u.bids, u.asks)
+        except BookError as e:
+            self.counters["crossed"] += 1
+            self._resync(p, str(e), now_ns)
+            return
+        if crc != u.checksum:
+            self.counters["mismatches"] += 1
+            self.writer.count(p.index, mismatches=1)
+            p.misses += 1
+            log.warning("%s: checksum mismatch (computed %d, Kraken %d), %d in a row",
+                        p.name, crc, u.checksum, p.misses)
+            if p.misses >= self.max_mismatches or p.phase == AWAIT_SNAPSHOT:
+                self._resync(p, f"checksum mismatch: computed {crc}, expected {u.checksum}",
+                             now_ns)
+            else:
+                p.phase = SUSPECT
+                self._set_state(p, BookState.RESYNCING, "checksum mismatch", RESYNCING)
+            return
+        p.misses = 0
+        ts_ns = exchange_ts_ns(u.timestamp)
+        bid_prices = [-k for k in book.bid_keys]
+        try:
+            self.writer.publish(p.index, bid_prices, book.bid_qtys, book.ask_keys,
+                                book.ask_qtys, checksum=crc, exchange_ts_ns=ts_ns,
+                                recv_ns=recv_ns)
+        except OverflowError as e:  # ValueOutOfRange subclasses it (see _halt_pair)
+            self._halt_pair(p, e)
+            return
+        p.phase = LIVE
+        if p.shm_state != BookState.VALID:  # publish() has just written VALID
+            p.shm_state = BookState.VALID
+            self._system(p.name, VALID, "checksum verified, book valid")
+        self.counters["events"] += 1
+        self.out.event(book_topic(p.name), "MarketDataL2Event",
+                       self._l2_json(p, u, crc, ts_ns, recv_ns))
+
+    def _l2_json(self, p: _Pair, u, crc: int, ts_ns: int, recv_ns: int) -> bytes:
+        book = p.book
+        pp, qp = p.pp, p.qp
+        frags = book.bid_frags
+        if None in frags:
+            for i, f in enumerate(frags):
+                if f is None:
+                    frags[i] = b'["%s","%s"]' % (_render(-book.bid_keys[i], pp),
+                                                 _render(book.bid_qtys[i], qp))
+        frags = book.ask_frags
+        if None in frags:
+            for i, f in enumerate(frags):
+                if f is None:
+                    frags[i] = b'["%s","%s"]' % (_render(book.ask_keys[i], pp),
+                                                 _render(book.ask_qtys[i], qp))
+        ts = b'"' + u.timestamp.encode() + b'"' if u.timestamp else b"null"
+        return b"".join((
+            p.prefix, ts, b',"source":"kraken_ws_v2","bids":[', b",".join(book.bid_frags),
+            b'],"asks":[', b",".join(book.ask_frags), b'],"checksum":%d,"conn_id":%d,'
+            b'"exchange_ts_ns":%s,"recv_ns":%d,"snapshot":%s' % (
+                crc, p.conn_id, b"%d" % ts_ns if ts_ns else b"null", recv_ns,
+                b"true" if u.snapshot else b"false"),
+            p.suffix))
+
+    # -- time ----------------------------------------------------------------------------
+    def on_tick(self, now_ns: int) -> None:
+        """Periodic checks: silent pairs go stale; pending resyncs are retried."""
+        for p in self.pairs:
+            if p.phase == LIVE and p.shm_state == BookState.VALID and \
+                    now_ns - p.last_data_ns > self.stale_ns:
+                self.counters["stale"] += 1
+                self._set_state(p, BookState.STALE, "no book data within stale_after_s", STALE)
+            elif p.phase == AWAIT_SNAPSHOT and p.conn_id and \
+                    now_ns - p.resync_pending_ns > self.resync_retry_ns:
+                self._resync(p, "snapshot still missing", now_ns)
+
+    # -- transitions ---------------------------------------------------------------------
+    def request_all(self, reason: str, now_ns: int) -> None:
+        """On start: ask ingest for fresh snapshots of every pair."""
+        for p in self.pairs:
+            p.resync_pending_ns = now_ns
+        self.out.resync(ResyncRequest(tuple(p.name for p in self.pairs), reason))
+
+    def _resync(self, p: _Pair, reason: str, now_ns: int) -> None:
+        self.counters["resyncs"] += 1
+        self.writer.count(p.index, resyncs=1)
+        p.phase = AWAIT_SNAPSHOT
+        p.misses = 0
+        p.resync_pending_ns = now_ns
+        log.warning("%s: resync requested: %s", p.name, reason)
+        self._set_state(p, BookState.RESYNCING, reason, RESYNCING)
+        self.out.resync(ResyncRequest((p.name,), reason, p.conn_id))
+        window = p.resyncs
+        window.append(now_ns)
+        while window and now_ns - window[0] > self.resync_window_ns:
+            window.popleft()
+        if len(window) > self.max_resyncs and not p.triggered:
+            p.triggered = True
+            self.counters["triggers"] += 1
+            ev = PotentialHaltTriggerEvent(
+                timestamp=self._now_text(), source_module=self.service,
+                error_code="RESYNC_BUDGET_EXCEEDED", pair=p.name,
+                reason=f"{p.name}: {len(window)} resyncs within "
+                       f"{self.resync_window_ns / 1e9:.0f} s",
+                details=f"last reason: {reason}")
+            self.out.event("trigger", "PotentialHaltTriggerEvent", _json.encode(ev))
+        elif len(window) <= self.max_resyncs:
+            p.triggered = False
+
+    def _halt_pair(self, p: _Pair, err: Exception) -> None:
+        p.phase = HALT
+        self.counters["halted_pairs"] += 1
+        log.error("%s: halted: %s", p.name, err)
+        self._set_state(p, BookState.HALTED, f"value out of uint64 range: {err}", INTEGRITY)
+
+    def halt_all(self, reason: str) -> None:
+        for p in self.pairs:
+            p.phase = HALT
+            self._set_state(p, BookState.HALTED, reason, HALTED)
+
+    def _set_state(self, p: _Pair, state: BookState, why: str, code: str) -> None:
+        if p.shm_state == state:
+            return
+        p.shm_state = state
+        self.writer.set_state(p.index, state)
+        self._system(p.name, code, why)
+
+    def _system(self, pair: str | None, code: str, message: str) -> None:
+        ev = SystemStateEvent(timestamp=self._now_text(), service_name=self.service,
+                              status_code=code, status_message=message, pair=pair)
+        self.out.event("system", "SystemStateEvent", _json.encode(ev))
+
+    def _now_text(self) -> str:
+        return ns_to_rfc3339(self.clock_ns())

@@ -1,0 +1,169 @@
+"""The bookd process: the thin shell around BookKeeper.
+
+Sockets (all under the run directory and the namespace, DESIGN.md section 3):
+
+    <ns>.bookd      PULL, bound here     book frames + PairInfo/Stale/ConnectionState
+                                         from ingest (ingest connects its PUSH)
+    <ns>.ingest.ctl PUSH, connected      ResyncRequests to ingest (ingest binds)
+    <ns>.bus.in     PUSH, connected      events to the bus (the bus binds)
+
+ZMQ's connect-before-bind lets any process start first. Sends never block: a full
+queue drops the message and counts it (`drops_bus`, `drops_ingest`).
+
+Life cycle: create the shared-memory books (reclaiming a crashed bookd's segments,
+refusing to start beside a live one), ask ingest for fresh snapshots of every pair,
+then loop: drain the PULL socket, refresh the writer heartbeat every
+`[bookd] heartbeat_ms`, run the keeper's periodic checks, publish a StatsEvent every
+`[bookd] stats_interval_s`. SIGTERM/SIGINT: write the final state into every segment
+(`halted` if `run/halt.json` exists, else `stale`), unlink, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from bookd.keeper import BookKeeper
+from bookd.layout import BookState
+from bookd.shm import BookWriter
+from bus.schema import StatsEvent, ns_to_rfc3339
+from ingest.config import Config
+from ingest.messages import (
+    CONTROL,
+    FRAME,
+    HEADER_SIZE,
+    MessageError,
+    ResyncRequest,
+    decode_control,
+    pack_control,
+    pack_event,
+    unpack_header,
+)
+
+log = logging.getLogger("bookd")
+_json = msgspec.json.Encoder()
+DRAIN = 2000
+
+
+class _Out:
+    """The keeper's sinks: events to the bus, resync requests to ingest."""
+
+    def __init__(self, to_bus: zmq.Socket, to_ingest: zmq.Socket) -> None:
+        self.to_bus = to_bus
+        self.to_ingest = to_ingest
+        self.drops_bus = 0
+        self.drops_ingest = 0
+
+    def event(self, topic: str, type_name: str, payload: bytes) -> None:
+        try:
+            self.to_bus.send(pack_event(topic, type_name, payload), zmq.NOBLOCK)
+        except zmq.Again:
+            self.drops_bus += 1
+
+    def resync(self, req: ResyncRequest) -> None:
+        try:
+            self.to_ingest.send(pack_control(req), zmq.NOBLOCK)
+        except zmq.Again:
+            self.drops_ingest += 1
+
+
+def halt_file(cfg: Config) -> Path:
+    return cfg.run_path / "halt.json"
+
+
+def run(cfg: Config) -> int:
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    pairs = list(cfg.trading.pairs)
+    depth = cfg.data_ingestor.book_depth
+    writer = BookWriter(cfg.namespace, pairs, depth, heartbeat_ms=cfg.bookd.heartbeat_ms)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, cfg.ingest.send_hwm)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(cfg.ipc("bookd"))
+    to_ingest = ctx.socket(zmq.PUSH)
+    to_ingest.setsockopt(zmq.SNDHWM, 1000)
+    to_ingest.setsockopt(zmq.LINGER, 0)
+    to_ingest.connect(cfg.ipc("ingest.ctl"))
+    to_bus = ctx.socket(zmq.PUSH)
+    to_bus.setsockopt(zmq.SNDHWM, cfg.bus.sndhwm)
+    to_bus.setsockopt(zmq.LINGER, 500)
+    to_bus.connect(cfg.ipc("bus.in"))
+    out = _Out(to_bus, to_ingest)
+    mono = time.monotonic_ns
+    keeper = BookKeeper(
+        pairs, depth, writer, out, clock_ns=time.time_ns,
+        max_mismatches=cfg.data_ingestor.max_checksum_mismatches_before_resub,
+        max_resyncs=cfg.bookd.max_resyncs_before_halt,
+        resync_window_ns=int(cfg.bookd.resync_window_s * 1e9),
+        stale_ns=int(cfg.bookd.stale_after_s * 1e9),
+        resync_retry_ns=int(cfg.ingest.snapshot_timeout_s * 1e9))
+    stop = []
+
+    def _stop(signum, _frame):
+        stop.append(signum)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("bookd: %d pairs at depth %d in namespace %s, listening on %s",
+             len(pairs), depth, cfg.namespace, cfg.ipc("bookd"))
+    keeper.request_all("bookd started", mono())
+    hb_ns = cfg.bookd.heartbeat_ms * 1_000_000
+    stats_ns = int(cfg.bookd.stats_interval_s * 1e9)
+    next_hb = next_tick = 0
+    next_stats = mono() + stats_ns
+    bad = 0
+    last_recv_ns = 0
+    recv = pull.recv
+    on_frame = keeper.on_frame
+    try:
+        while not stop:
+            if pull.poll(cfg.bookd.heartbeat_ms):
+                now = mono()
+                for _ in range(DRAIN):
+                    try:
+                        msg = recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        kind, pair_index, conn_id, seq, recv_ns = unpack_header(msg)
+                        if kind == FRAME:
+                            last_recv_ns = recv_ns
+                            on_frame(pair_index, conn_id, seq, recv_ns, msg[HEADER_SIZE:], now)
+                        elif kind == CONTROL:
+                            keeper.on_control(decode_control(msg), now)
+                        else:
+                            bad += 1
+                    except MessageError as e:
+                        bad += 1
+                        log.warning("bad internal message dropped: %s", e)
+            now = mono()
+            if now >= next_hb:
+                writer.heartbeat(now)
+                next_hb = now + hb_ns
+            if now >= next_tick:
+                keeper.on_tick(now)
+                next_tick = now + 1_000_000_000
+            if now >= next_stats:
+                next_stats = now + stats_ns
+                counters = dict(keeper.counters, bad_messages=bad, drops_bus=out.drops_bus,
+                                drops_ingest=out.drops_ingest)
+                lag = (time.time_ns() - last_recv_ns) / 1e6 if last_recv_ns else 0.0
+                ev = StatsEvent(timestamp=ns_to_rfc3339(time.time_ns()), process="bookd",
+                                pid=os.getpid(), counters=counters,
+                                gauges={"last_frame_age_ms": lag})
+                out.event("stats", "StatsEvent", _json.encode(ev))
+    finally:
+        final = BookState.HALTED if halt_file(cfg).exists() else BookState.STALE
+        log.info("bookd: stopping, books marked %s", final.name.lower())
+        writer.close(final)
+        for s in (pull, to_ingest, to_bus):
+            s.close()
+        ctx.term()
+    return 0
