@@ -82,6 +82,12 @@ class IngestApp:
         self._conn_n = 0
         self.conn: FeedListener | None = None
         self.conn_id = 0
+        # The connection being opened: picows hands over frames that arrive with the
+        # handshake (Kraken's status frame) before open_connection returns; they are
+        # kept here and replayed once the session knows the connection.
+        self._opening = 0
+        self._early: list[bytes] = []
+        self._early_closed = False
         self.seq = [0] * len(cfg.trading.pairs)
         self.counters = dict.fromkeys((
             "frames", "forwarded", "oversized", "binary", "unknown_pair", "not_subscribed",
@@ -100,7 +106,9 @@ class IngestApp:
     # -- the hot path ------------------------------------------------------------------
     def on_text(self, conn_id: int, payload: bytes) -> None:
         if conn_id != self.conn_id:
-            return  # a frame of a connection the session already let go
+            if conn_id == self._opening:
+                self._early.append(payload)  # replayed by _connect
+            return  # else a frame of a connection the session already let go
         now = time.time_ns()
         c = self.counters
         c["frames"] += 1
@@ -140,7 +148,9 @@ class IngestApp:
         log.warning("ignored a %s on connection %d", what, conn_id)
 
     def on_closed(self, conn_id: int) -> None:
-        if conn_id == self.conn_id:
+        if conn_id == self._opening:
+            self._early_closed = True
+        elif conn_id == self.conn_id:
             self.conn = None
             self.execute(self.session.on_disconnected(time.time_ns(), "closed by peer",
                                                       conn_id))
@@ -206,18 +216,26 @@ class IngestApp:
     async def _connect(self, a: act.Connect) -> None:
         self._conn_n += 1
         conn_id = self._conn_base | self._conn_n
+        self._opening, self._early, self._early_closed = conn_id, [], False
         try:
             listener = await open_connection(a.url, self, conn_id, a.timeout_s,
                                              limit=self.max_frame, ssl_context=self.ssl_context)
         except ConnectError as e:
+            self._opening = 0
             self.execute(self.session.on_connect_failed(time.time_ns(), str(e)))
             return
+        early, closed = self._early, self._early_closed
+        self._opening, self._early, self._early_closed = 0, [], False
         if self._stopping.is_set():
             listener.close()
             return
         self.conn = listener
         self.conn_id = conn_id
         self.execute(self.session.on_connected(time.time_ns(), conn_id))
+        for payload in early:  # e.g. the status frame that came with the handshake
+            self.on_text(conn_id, payload)
+        if closed:
+            self.on_closed(conn_id)
 
     # -- control socket and stats ------------------------------------------------------
     def poll_control(self) -> None:
