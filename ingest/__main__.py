@@ -1,4 +1,8 @@
-"""`python -m ingest [--config FILE] [--check-config] [--url URL]`: the ingest process.
+"""`python -m ingest [--config FILE] [--check-config] [--url URL] [--record PATH ...]`.
+
+The ingest process. `--record PATH` also writes every frame received and sent to a
+recording (ingest/record.py; rotation with `--record-max-bytes` / `--record-rotate-s`,
+queue size `--record-queue`); without it nothing is recorded.
 
 `--check-config` loads and validates the config, prints the resolved values and exits 0
 (or exits 78 with one line naming the bad key). Otherwise the process itself runs from
@@ -12,6 +16,7 @@ import importlib
 import sys
 
 from ingest.config import dump_config, exit_on_config_error
+from ingest.record import DEFAULT_QUEUE, add_record_options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +33,15 @@ def main(argv: list[str] | None = None) -> int:
                                   "replay server at [replay] host and port")
     ap.add_argument("--ca-file", help="extra CA certificate (PEM) to trust for wss:// "
                                       "(tests with a private CA; Kraken needs none)")
+    ap.add_argument("--record", metavar="PATH",
+                    help="also record every frame received (and sent) to PATH (.ndjson, "
+                         ".ndjson.gz for gzip) from a background thread; see "
+                         "`python -m ingest.record` for a standalone recorder")
+    add_record_options(ap)
     args = ap.parse_args(argv)
+    if not args.record and (args.record_max_bytes or args.record_rotate_s
+                            or args.record_queue != DEFAULT_QUEUE):
+        ap.error("--record-max-bytes, --record-rotate-s and --record-queue need --record PATH")
     cfg = exit_on_config_error(args.config, "ingest")
     if args.check_config:
         print(dump_config(cfg))

@@ -47,6 +47,7 @@ from ingest.messages import (
     unpack_header,
 )
 from ingest.protocol import KrakenSession
+from ingest.record import Recorder, RecordError, recorder_from_args
 from ingest.transport import ConnectError, FeedListener, open_connection
 from ingest.wire import peek_channel, peek_symbol
 
@@ -64,9 +65,10 @@ def resolve_url(cfg: Config, url: str | None) -> str:
 
 class IngestApp:
     def __init__(self, cfg: Config, url: str, *, ssl_context: ssl.SSLContext | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, recorder: Recorder | None = None) -> None:
         self.cfg = cfg
         self.url = url
+        self.recorder = recorder  # ingest/record.py: None unless --record
         self.ssl_context = ssl_context
         self.session = KrakenSession(cfg, rng or random.Random(), url)
         self.pair_index = {p: i for i, p in enumerate(cfg.trading.pairs)}
@@ -90,7 +92,7 @@ class IngestApp:
         self._early_closed = False
         self.seq = [0] * len(cfg.trading.pairs)
         self.counters = dict.fromkeys((
-            "frames", "forwarded", "oversized", "binary", "unknown_pair", "not_subscribed",
+            "ws_frames", "forwarded", "oversized", "binary", "unknown_pair", "not_subscribed",
             "drops_bookd", "drops_bus", "bad_control", "resync_requests"), 0)
         self._wake: asyncio.TimerHandle | None = None
         self._stopping = asyncio.Event()
@@ -110,8 +112,10 @@ class IngestApp:
                 self._early.append(payload)  # replayed by _connect
             return  # else a frame of a connection the session already let go
         now = time.time_ns()
+        if self.recorder is not None:
+            self.recorder.rx(payload, now)
         c = self.counters
-        c["frames"] += 1
+        c["ws_frames"] += 1  # every text frame; the session counts its own "frames"
         if len(payload) > self.max_frame:
             self.on_oversized(conn_id, len(payload))
             return
@@ -162,6 +166,8 @@ class IngestApp:
             if t is act.Send:
                 if self.conn is not None:
                     self.conn.send_text(a.text)
+                    if self.recorder is not None:
+                        self.recorder.tx(a.text, time.time_ns())
             elif t is act.Publish:
                 ev = a.event
                 self._to_bus(topic_for(ev), type(ev).__name__, _json.encode(ev))
@@ -268,6 +274,8 @@ class IngestApp:
     def stats(self) -> None:
         counters = dict(self.session.counters)
         counters.update(self.counters)
+        if self.recorder is not None:
+            counters.update(self.recorder.counters())
         ev = StatsEvent(timestamp=ns_to_rfc3339(time.time_ns()), process="ingest",
                         pid=os.getpid(), counters=counters,
                         gauges={"connected": 1.0 if self.conn is not None else 0.0})
@@ -299,6 +307,8 @@ class IngestApp:
         return 0
 
     def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()  # drains its queue (bounded), closes the file
         if self._wake is not None:
             self._wake.cancel()
         for s in (self.to_bookd, self.to_bus, self.ctl):
@@ -326,7 +336,19 @@ def main(cfg: Config, args) -> int:
     except (OSError, ssl.SSLError) as e:
         log.error("cannot load --ca-file: %s", e)
         return 2
-    app = IngestApp(cfg, url, ssl_context=ssl_ctx)
+    recorder = None
+    if getattr(args, "record", None):
+        try:
+            recorder = recorder_from_args(cfg, url, args.record, args)
+        except RecordError as e:
+            log.error("--record: %s", e)
+            return 2
+    try:
+        app = IngestApp(cfg, url, ssl_context=ssl_ctx, recorder=recorder)
+    except BaseException:
+        if recorder is not None:
+            recorder.close()
+        raise
     try:
         return uvloop.run(app.run())
     finally:
