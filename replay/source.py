@@ -288,6 +288,7 @@ class RecordingSource(Source):
             raise SourceError(f"{recording.path}: the header has no book depth; pass --depth "
                               f"(one of {', '.join(map(str, BOOK_DEPTHS))})")
         self._instrument: bytes | None = None
+        self.empty_frames = 0  # trade/ohlc frames with empty data, skipped
         instrument_prec: dict[str, tuple[int, int]] = {}
         events: list[SourceEvent] = []
         seen: list[str] = list(recording.symbols)
@@ -308,6 +309,10 @@ class RecordingSource(Source):
             last = t
             ev = make_event(t, channel, rf.frame)
             if not ev.symbol:
+                if channel != "book" and b'"data":[]' in rf.frame:
+                    # An empty trade/ohlc snapshot (a quiet pair) carries nothing to serve.
+                    self.empty_frames += 1
+                    continue
                 raise SourceError(f"{recording.path}:{rf.line}: {channel} frame without a symbol")
             if ev.symbol not in seen:
                 seen.append(ev.symbol)

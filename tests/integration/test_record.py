@@ -373,9 +373,9 @@ def test_record_synthetic_market(cfg: Path, server: ReplayHandle, work: Path) ->
 
 
 def test_recording_replays_through_the_replay_server(server: ReplayHandle, work: Path) -> None:
-    # No OHLC here: the synthetic server answers an OHLC subscribe with an empty
-    # snapshot (`"data":[]`, no symbol), which `replay --file` refuses to serve.
-    cfg2 = make_config(work, PAIRS, data_ingestor={"ohlc_intervals": []})
+    # With OHLC on: the synthetic server answers an OHLC subscribe with an empty
+    # snapshot (`"data":[]`, no symbol); `replay --file` skips such frames.
+    cfg2 = make_config(work, PAIRS, data_ingestor={"ohlc_intervals": ["1m"]})
     try:
         first = work / "first.ndjson.gz"
         record(cfg2, server.url, first, "--duration", "2.5")
