@@ -21,6 +21,7 @@ from bus import schema
 from ingest.config import exit_on_config_error
 
 _dec = msgspec.json.Decoder()
+SUBSCRIBE_GRACE_S = 0.25  # longest wait for the subscription before asking the cache
 
 
 class _CacheReply(msgspec.Struct):
@@ -122,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deadline = time.monotonic() + args.timeout
         if not args.no_cache:
-            reply = _ask_cache(ctx, cache_ep, prefixes, args.timeout)
+            # ZMQ subscribes asynchronously: asked before the subscription is in effect,
+            # the cache would miss what the bus publishes in between (a seq gap). A first
+            # live message proves it is; quiet topics get a short grace instead.
+            sub.poll(int(min(SUBSCRIBE_GRACE_S, args.timeout / 4) * 1000))
+            reply = _ask_cache(ctx, cache_ep, prefixes,
+                               max(0.001, deadline - time.monotonic()))
             if reply is None:
                 print(f"bus.tail: no bus answered at {cache_ep} within {args.timeout:g} s "
                       "(is the system running? `make status`)", file=sys.stderr)
