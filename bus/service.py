@@ -207,7 +207,26 @@ def run(cfg: Config) -> int:
                                                "msgpack_subscriptions": float(msgpack_subs)})
                 publish(b"stats", b"StatsEvent", _json.encode(ev))
     finally:
-        log.info("bus: stopping after %d messages", counters["published"])
+        # Drain: publish what producers already handed over (bounded), then give the
+        # PUB sockets a moment to flush before closing.
+        drained = 0
+        for _ in range(50 * DRAIN):
+            try:
+                msg = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            a = msg.find(b" ", HEADER_SIZE)
+            b = msg.find(b" ", a + 1)
+            if msg[:1] == bytes([EVENT]) and a > 0 and b > a:
+                try:
+                    publish(msg[HEADER_SIZE:a], msg[a + 1:b], msg[b + 1:])
+                    drained += 1
+                except ValueError:
+                    counters["bad_messages"] += 1
+        pub.setsockopt(zmq.LINGER, 200)
+        mpub.setsockopt(zmq.LINGER, 200)
+        log.info("bus: stopping after %d messages (%d drained at stop)",
+                 counters["published"], drained)
         for s in (pull, pub, mpub, cache):
             s.close()
         ctx.term()
