@@ -86,7 +86,7 @@ def _snapshot_side(levels: Levels, neg: bool, depth: int) -> tuple[list, list, l
     if keys != sorted(set(keys)) or not all(qtys):
         return None
     del keys[depth:], qtys[depth:]
-    chunks: list = [b"%d%d" % lv for lv in levels[:TOP]]
+    chunks: list = [b"%d%d" % lv for lv in levels[:min(TOP, depth)]]  # depth < 10 too
     chunks.extend([None] * (len(keys) - len(chunks)))
     return keys, qtys, chunks, [None] * len(keys)
 

@@ -17,8 +17,10 @@ and two cheap peeks for ingest, which forwards book frames without decoding them
 Exact ticks (DESIGN.md section 2)
 ---------------------------------
 A level's price and qty must become `token * 10**precision` exactly, whatever the
-digits (`1234567890.12345678` at 8 decimals included), and a token with more decimals
-than the precision is an error, never a rounding. Two routes:
+digits (`1234567890.12345678` at 8 decimals included), and a token whose value has more
+decimals than the precision is an error, never a rounding (zeros past the precision, as
+in `1.50` at precision 1, are no extra decimals: the fast path cannot see them, so
+neither route does). Two routes:
 
 * **exact route**: decode the number tokens as `msgspec.Raw`, then integer arithmetic on
   their text (`_token_ticks`). Always right; about twice the cost.
@@ -32,7 +34,9 @@ than the precision is an error, never a rounding. Two routes:
      digits.
   2. *Token check.* With x = double(T) and s = 10**p (exact for p <= 22), take
      n = round(x*s) and accept only if 0 <= n < 10**15 and n / s == x (the division of
-     two exact doubles is correctly rounded, so n / s == double(n * 10**-p)).
+     two exact doubles is correctly rounded, so n / s == double(n * 10**-p)). A signed
+     zero (`-0`, `-0.0`) passes as n = 0: its value is zero, not negative, and the
+     exact route agrees (msgspec even decodes the integer token `-0` as +0.0).
 
   Why that is exact: n * 10**-p and T are both decimals of at most 15 significant
   digits, and two such decimals map to the same double only if they are equal (every
@@ -71,6 +75,10 @@ class WireError(ValueError):
 _POW10 = [10**i for i in range(64)]
 _FPOW10 = [float(10**i) for i in range(23)]  # exact doubles up to 1e22
 _FAST_LIMIT = 10**15
+# Tick counts are Python ints; beyond this many digits a token is refused (WireError)
+# rather than handed to int(), which raises ValueError past sys.int_info's 4300 digits
+# and would build gigantic ints from tokens like 1e999999999.
+_MAX_TICK_DIGITS = 4000
 
 _GUARD_TABLE = bytearray(b" " * 256)
 for _c in b"0123456789.":
@@ -90,12 +98,18 @@ def _fast_path_allowed(frame: bytes) -> bool:
 def token_ticks(token: bytes | str, precision: int) -> int:
     """Exact `token * 10**precision` as an int for a JSON number token.
 
-    Raises WireError for a negative value, a non-number, or more decimals than
-    `precision` (after exponent notation is taken into account).
+    Raises WireError for a negative value (a signed zero is zero), a non-number, or a
+    value with more decimals than `precision` (after exponent notation and trailing
+    zeros are taken into account: the check is on the value, never a rounding).
     """
     s = token if isinstance(token, bytes) else token.encode()
-    if not s or s[0] == 45:  # b"-"
-        raise WireError(f"negative or empty number {s[:40]!r}")
+    if not s:
+        raise WireError("empty number")
+    if s[0] == 45:  # b"-": only a zero may carry the sign (-0 == 0, as on the fast path)
+        rest = s[1:]
+        if not rest[:1].isdigit() or token_ticks(rest, precision):
+            raise WireError(f"negative number {s[:40]!r}")
+        return 0
     if b"e" in s or b"E" in s:
         return _exp_ticks(s, precision)
     whole, dot, frac = s.partition(b".")
@@ -103,21 +117,37 @@ def token_ticks(token: bytes | str, precision: int) -> int:
         raise WireError(f"not a decimal number: {s[:40]!r}")
     n = len(frac)
     if n > precision:
-        raise WireError(f"{s.decode()} has {n} decimals, more than the precision {precision}")
-    return int(whole + frac) * _POW10[precision - n]
+        # Zeros past the precision change no value; the float fast path cannot see them
+        # either, so both routes accept "1.50" at precision 1 (as they do "1.50e0").
+        if precision < 0 or frac[precision:].strip(b"0"):
+            raise WireError(f"{s[:40].decode()} has more decimals than the precision {precision}")
+        frac = frac[:precision]
+        n = precision
+    k = precision - n
+    if len(whole) + len(frac) + k > _MAX_TICK_DIGITS:
+        raise WireError(f"number too large: {s[:40]!r}... ({len(s)} characters)")
+    return int(whole + frac) * (_POW10[k] if k < 64 else 10**k)
 
 
 def _exp_ticks(s: bytes, precision: int) -> int:
+    # Exact integer arithmetic on the token's digits and exponent: no decimal context,
+    # so nothing can underflow to 0 (1e-9999999 is an error, not 0 ticks) or overflow.
     try:
         d = Decimal(s.decode("ascii"))
     except (InvalidOperation, UnicodeDecodeError):
         raise WireError(f"not a decimal number: {s[:40]!r}") from None
-    if not d.is_finite() or d < 0:
+    if not d.is_finite() or d.is_signed():
         raise WireError(f"not a non-negative finite number: {s[:40]!r}")
-    scaled = d.scaleb(precision)
-    if scaled != scaled.to_integral_value():
-        raise WireError(f"{s.decode()} has more decimals than the precision {precision}")
-    return int(scaled)
+    _, digits, exp = d.as_tuple()
+    text = "".join(map(str, digits)).rstrip("0")
+    if not text:
+        return 0
+    shift = exp + (len(digits) - len(text)) + precision  # ticks = int(text) * 10**shift
+    if shift < 0:
+        raise WireError(f"{s[:40].decode()} has more decimals than the precision {precision}")
+    if len(text) + shift > _MAX_TICK_DIGITS:
+        raise WireError(f"number too large: {s[:40]!r}")
+    return int(text) * 10**shift
 
 
 def decimal_text(token: bytes | Raw) -> str:
@@ -128,6 +158,8 @@ def decimal_text(token: bytes | Raw) -> str:
             d = Decimal(s.decode("ascii"))
             if not d.is_finite():
                 raise WireError(f"not a finite number: {s[:40]!r}")
+            if not -_MAX_TICK_DIGITS <= d.as_tuple().exponent <= _MAX_TICK_DIGITS:
+                raise WireError(f"exponent out of range: {s[:40]!r}")  # 1e999999999
             return format(d, "f")
         text = s.decode("ascii")
     except (InvalidOperation, UnicodeDecodeError):
@@ -188,6 +220,9 @@ class BookUpdate(Struct, frozen=True, gc=False):
     timestamp: str | None = None
 
 
+# msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 in a string.
+_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError)
+
 _book_dec_f = msgspec.json.Decoder(_BookMsgF)
 _book_dec_r = msgspec.json.Decoder(_BookMsgR)
 
@@ -228,7 +263,7 @@ def decode_book(frame: bytes, precisions: dict[str, tuple[int, int]]) -> list[Bo
     if _fast_path_allowed(frame):
         try:
             msg = _book_dec_f.decode(frame)
-        except msgspec.DecodeError as e:
+        except _DECODE_ERRORS as e:
             raise WireError(f"malformed book frame: {e}") from None
         snap = _type_flag(msg.type)
         out = []
@@ -237,7 +272,7 @@ def decode_book(frame: bytes, precisions: dict[str, tuple[int, int]]) -> list[Bo
                 pp, qp = precisions[d.symbol]
             except KeyError:
                 raise WireError(f"no precision known for symbol {d.symbol!r}") from None
-            if pp > 22 or qp > 22:
+            if not (0 <= pp <= 22 and 0 <= qp <= 22):
                 break
             ps = _FPOW10[pp]
             qs = _FPOW10[qp]
@@ -254,7 +289,7 @@ def decode_book(frame: bytes, precisions: dict[str, tuple[int, int]]) -> list[Bo
 def _decode_book_exact(frame: bytes, precisions: dict[str, tuple[int, int]]) -> list[BookUpdate]:
     try:
         msg = _book_dec_r.decode(frame)
-    except msgspec.DecodeError as e:
+    except _DECODE_ERRORS as e:
         raise WireError(f"malformed book frame: {e}") from None
     snap = _type_flag(msg.type)
     out = []
@@ -521,8 +556,8 @@ def _optional_decimal(raw: Raw) -> str:
 def _trades_count(raw: Raw) -> int:
     text = decimal_text(raw)
     whole, _, frac = text.partition(".")
-    if frac.strip("0"):
-        raise WireError(f"trades count is not an integer: {text}")
+    if frac.strip("0") or len(whole) > _MAX_TICK_DIGITS:
+        raise WireError(f"trades count is not an integer of sane size: {text[:40]}")
     return int(whole)
 
 
@@ -580,5 +615,5 @@ def decode_message(frame: bytes) -> Message:
         if method is not None:
             raise WireError(f"unknown method {method[:40]!r}")
         raise WireError("frame has neither channel nor method")
-    except msgspec.DecodeError as e:  # includes ValidationError
+    except _DECODE_ERRORS as e:  # includes ValidationError
         raise WireError(f"malformed frame: {e}") from None
