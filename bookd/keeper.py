@@ -104,15 +104,19 @@ def exchange_ts_ns(ts: str | None) -> int:
     if not ts:
         return 0
     try:
-        if len(ts) > 20 and ts[19] == "." and ts[-1] == "Z":
-            head = ts[:17]
-            base = _minute_base.get(head)
-            if base is None:
-                if len(_minute_base) > 4096:
-                    _minute_base.clear()
-                base = _minute_base[head] = rfc3339_to_ns(head + "00Z")
+        if len(ts) > 20 and ts[19] == "." and ts[-1] == "Z" and ts.isascii():
+            sec = ts[17:19]
             frac = ts[20:-1]
-            return base + int(ts[17:19]) * 10**9 + int(frac[:9].ljust(9, "0"))
+            # int() would also take "+1", "1_2", " 2" or second 99: only plain digits
+            # and seconds 00-59 take the fast path; the rest is decided by rfc3339_to_ns.
+            if sec.isdigit() and sec < "60" and frac.isdigit():
+                head = ts[:17]
+                base = _minute_base.get(head)
+                if base is None:
+                    if len(_minute_base) > 4096:
+                        _minute_base.clear()
+                    base = _minute_base[head] = rfc3339_to_ns(head + "00Z")
+                return base + int(sec) * 10**9 + int(frac[:9].ljust(9, "0"))
         return rfc3339_to_ns(ts)
     except ValueError:
         return 0
@@ -281,7 +285,8 @@ class BookKeeper:
                 if f is None:
                     frags[i] = b'["%s","%s"]' % (_render(book.ask_keys[i], pp),
                                                  _render(book.ask_qtys[i], qp))
-        ts = b'"' + u.timestamp.encode() + b'"' if u.timestamp else b"null"
+        # Encoded, not spliced: a timestamp is wire text and may hold quotes/backslashes.
+        ts = _json.encode(u.timestamp) if u.timestamp else b"null"
         return b"".join((
             p.prefix, ts, b',"source":"kraken_ws_v2","bids":[', b",".join(book.bid_frags),
             b'],"asks":[', b",".join(book.ask_frags), b'],"checksum":%d,"conn_id":%d,'
