@@ -196,9 +196,17 @@ class BookKeeper:
         if p.phase == HALT:
             return
         if conn_id != p.conn_id or p.pp < 0:
-            # A frame before its connection's PairInfo: ingest guarantees the order, so
-            # this is a frame of an old connection still in flight. Drop it.
+            # No PairInfo for this connection: ingest sends it before the first frame on
+            # the same ordered socket, so either it was lost (a full queue) or this bookd
+            # started mid-connection. Drop the frame and ask (rate-limited) for a resync:
+            # ingest then sends the PairInfo again, then a fresh snapshot.
             self.counters["ignored"] += 1
+            if now_ns - p.resync_pending_ns > self.resync_retry_ns:
+                p.resync_pending_ns = now_ns
+                self.counters["resyncs"] += 1
+                log.warning("%s: frames of connection %d without its PairInfo; asking "
+                            "for a resync", p.name, conn_id)
+                self.out.resync(ResyncRequest((p.name,), "frames without PairInfo", conn_id))
             return
         if seq != p.last_seq + 1:
             self.counters["gaps"] += 1

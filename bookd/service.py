@@ -35,36 +35,48 @@ from bookd.shm import BookWriter
 from bus.schema import StatsEvent, ns_to_rfc3339
 from ingest.config import Config
 from ingest.messages import (
+    BATCH,
     CONTROL,
     FRAME,
     HEADER_SIZE,
+    Batcher,
     MessageError,
     ResyncRequest,
     decode_control,
     pack_control,
     pack_event,
+    unpack_batch,
     unpack_header,
 )
 
 log = logging.getLogger("bookd")
 _json = msgspec.json.Encoder()
 DRAIN = 2000
+_BATCH = bytes([BATCH])
 
 
 class _Out:
-    """The keeper's sinks: events to the bus, resync requests to ingest."""
+    """The keeper's sinks: events to the bus (batched per drain pass), resyncs to ingest."""
 
-    def __init__(self, to_bus: zmq.Socket, to_ingest: zmq.Socket) -> None:
+    def __init__(self, to_bus: zmq.Socket, to_ingest: zmq.Socket, batch: int = 64) -> None:
         self.to_bus = to_bus
         self.to_ingest = to_ingest
+        self.batch = Batcher(batch)
         self.drops_bus = 0
         self.drops_ingest = 0
 
     def event(self, topic: str, type_name: str, payload: bytes) -> None:
-        try:
-            self.to_bus.send(pack_event(topic, type_name, payload), zmq.NOBLOCK)
-        except zmq.Again:
-            self.drops_bus += 1
+        if self.batch.add(pack_event(topic, type_name, payload)):
+            self.flush()
+
+    def flush(self) -> None:
+        n = len(self.batch.pending)
+        msg = self.batch.take()
+        if msg is not None:
+            try:
+                self.to_bus.send(msg, zmq.NOBLOCK)
+            except zmq.Again:
+                self.drops_bus += n
 
     def resync(self, req: ResyncRequest) -> None:
         try:
@@ -122,6 +134,20 @@ def run(cfg: Config) -> int:
     last_recv_ns = 0
     recv = pull.recv
     on_frame = keeper.on_frame
+
+    def handle(msg: bytes, now: int) -> int:
+        """One inner message; returns its receive time for a frame, else 0."""
+        nonlocal bad
+        kind, pair_index, conn_id, seq, recv_ns = unpack_header(msg)
+        if kind == FRAME:
+            on_frame(pair_index, conn_id, seq, recv_ns, msg[HEADER_SIZE:], now)
+            return recv_ns
+        if kind == CONTROL:
+            keeper.on_control(decode_control(msg), now)
+        else:
+            bad += 1
+        return 0
+
     try:
         while not stop:
             if pull.poll(cfg.bookd.heartbeat_ms):
@@ -132,17 +158,18 @@ def run(cfg: Config) -> int:
                     except zmq.Again:
                         break
                     try:
-                        kind, pair_index, conn_id, seq, recv_ns = unpack_header(msg)
-                        if kind == FRAME:
-                            last_recv_ns = recv_ns
-                            on_frame(pair_index, conn_id, seq, recv_ns, msg[HEADER_SIZE:], now)
-                        elif kind == CONTROL:
-                            keeper.on_control(decode_control(msg), now)
-                        else:
-                            bad += 1
+                        subs = unpack_batch(msg) if msg[:1] == _BATCH else (msg,)
                     except MessageError as e:
                         bad += 1
-                        log.warning("bad internal message dropped: %s", e)
+                        log.warning("bad internal batch dropped: %s", e)
+                        continue
+                    for sub in subs:
+                        try:
+                            last_recv_ns = handle(sub, now) or last_recv_ns
+                        except MessageError as e:
+                            bad += 1
+                            log.warning("bad internal message dropped: %s", e)
+                out.flush()
             now = mono()
             if now >= next_hb:
                 writer.heartbeat(now)
@@ -159,7 +186,9 @@ def run(cfg: Config) -> int:
                                 pid=os.getpid(), counters=counters,
                                 gauges={"last_frame_age_ms": lag})
                 out.event("stats", "StatsEvent", _json.encode(ev))
+            out.flush()
     finally:
+        out.flush()
         final = BookState.HALTED if halt_file(cfg).exists() else BookState.STALE
         log.info("bookd: stopping, books marked %s", final.name.lower())
         writer.close(final)

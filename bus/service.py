@@ -40,10 +40,11 @@ import zmq
 
 from bus import schema
 from ingest.config import Config
-from ingest.messages import EVENT, HEADER_SIZE, HEADER_VERSION
+from ingest.messages import BATCH, EVENT, HEADER_SIZE, HEADER_VERSION, MessageError, unpack_batch
 
 log = logging.getLogger("bus")
 DRAIN = 5000
+_BATCH = bytes([BATCH])
 _json = msgspec.json.Encoder()
 
 
@@ -154,6 +155,22 @@ def run(cfg: Config) -> int:
                 counters["msgpack_errors"] += 1
                 log.warning("msgpack conversion failed for %s: %s", topic[:60], e)
 
+    def take(msg: bytes) -> None:
+        """One EVENT message from a producer: stamp and publish it, or count it bad."""
+        counters["received"] += 1
+        if len(msg) <= HEADER_SIZE or msg[0] != EVENT or msg[1] != HEADER_VERSION:
+            counters["bad_messages"] += 1
+            return
+        a = msg.find(b" ", HEADER_SIZE)
+        b = msg.find(b" ", a + 1)
+        if a < 0 or b < 0:
+            counters["bad_messages"] += 1
+            return
+        try:
+            publish(msg[HEADER_SIZE:a], msg[a + 1:b], msg[b + 1:])
+        except ValueError:
+            counters["bad_messages"] += 1
+
     publish(b"system", b"SystemStateEvent", _json.encode(schema.SystemStateEvent(
         timestamp=schema.ns_to_rfc3339(clock()), service_name="bus", status_code="CONNECTED",
         status_message=f"bus started, epoch {core.epoch}")))
@@ -166,19 +183,15 @@ def run(cfg: Config) -> int:
                         msg = recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    counters["received"] += 1
-                    if len(msg) <= HEADER_SIZE or msg[0] != EVENT or msg[1] != HEADER_VERSION:
-                        counters["bad_messages"] += 1
-                        continue
-                    a = msg.find(b" ", HEADER_SIZE)
-                    b = msg.find(b" ", a + 1)
-                    if a < 0 or b < 0:
-                        counters["bad_messages"] += 1
-                        continue
-                    try:
-                        publish(msg[HEADER_SIZE:a], msg[a + 1:b], msg[b + 1:])
-                    except ValueError:
-                        counters["bad_messages"] += 1
+                    if msg[:1] == _BATCH:
+                        try:
+                            for sub in unpack_batch(msg):
+                                take(sub)
+                        except MessageError as e:
+                            counters["bad_messages"] += 1
+                            log.warning("bad batch dropped: %s", e)
+                    else:
+                        take(msg)
             if mpub in ready:
                 while True:
                     try:
@@ -215,14 +228,14 @@ def run(cfg: Config) -> int:
                 msg = recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            a = msg.find(b" ", HEADER_SIZE)
-            b = msg.find(b" ", a + 1)
-            if msg[:1] == bytes([EVENT]) and a > 0 and b > a:
-                try:
-                    publish(msg[HEADER_SIZE:a], msg[a + 1:b], msg[b + 1:])
-                    drained += 1
-                except ValueError:
-                    counters["bad_messages"] += 1
+            try:
+                subs = unpack_batch(msg) if msg[:1] == _BATCH else [msg]
+            except MessageError:
+                counters["bad_messages"] += 1
+                continue
+            for sub in subs:
+                take(sub)
+                drained += 1
         pub.setsockopt(zmq.LINGER, 200)
         mpub.setsockopt(zmq.LINGER, 200)
         log.info("bus: stopping after %d messages (%d drained at stop)",

@@ -38,6 +38,7 @@ from ingest import actions as act
 from ingest.config import Config
 from ingest.messages import (
     CONTROL,
+    Batcher,
     MessageError,
     ResyncRequest,
     decode_control,
@@ -75,6 +76,9 @@ class IngestApp:
         self.max_frame = cfg.ingest.max_frame_bytes
         self.ctx = zmq.Context()
         self.to_bookd = self._socket(zmq.PUSH, cfg.ipc("bookd"), cfg.ingest.send_hwm)
+        # Everything for bookd (frames and control, in order) is batched per socket read
+        # and sent as one ZMQ message when picows says the read is done (flush_bookd).
+        self.bookd_batch = Batcher(512)
         self.to_bus = self._socket(zmq.PUSH, cfg.ipc("bus.in"), cfg.ingest.send_hwm)
         self.ctl = self.ctx.socket(zmq.PULL)
         self.ctl.setsockopt(zmq.LINGER, 0)
@@ -106,18 +110,23 @@ class IngestApp:
         return s
 
     # -- the hot path ------------------------------------------------------------------
-    def on_text(self, conn_id: int, payload: bytes) -> None:
-        if conn_id != self.conn_id:
-            if conn_id == self._opening:
-                self._early.append(payload)  # replayed by _connect
-            return  # else a frame of a connection the session already let go
+    def on_text(self, conn_id: int, payload: bytes, last: bool = True) -> None:
+        if conn_id == self.conn_id:
+            self._rx(payload)
+        elif conn_id == self._opening:
+            self._early.append(payload)  # replayed by _connect
+        # else a frame of a connection the session already let go
+        if last:
+            self.flush_bookd()
+
+    def _rx(self, payload: bytes) -> None:
         now = time.time_ns()
         if self.recorder is not None:
             self.recorder.rx(payload, now)
         c = self.counters
         c["ws_frames"] += 1  # every text frame; the session counts its own "frames"
         if len(payload) > self.max_frame:
-            self.on_oversized(conn_id, len(payload))
+            self.on_oversized(self.conn_id, len(payload))
             return
         if peek_channel(payload) == "book":
             symbol = peek_symbol(payload)
@@ -135,11 +144,25 @@ class IngestApp:
             self.counters["unknown_pair"] += 1
             return
         seq = self.seq[i] = self.seq[i] + 1
-        try:
-            self.to_bookd.send(pack_frame(payload, self.conn_id, i, seq, now), zmq.NOBLOCK)
-            self.counters["forwarded"] += 1
-        except zmq.Again:
-            self.counters["drops_bookd"] += 1  # seq advanced: bookd sees the gap
+        self._to_bookd(pack_frame(payload, self.conn_id, i, seq, now))
+        self.counters["forwarded"] += 1
+
+    def _to_bookd(self, msg: bytes) -> None:
+        if self.bookd_batch.add(msg):
+            self.flush_bookd()
+
+    def flush_bookd(self) -> None:
+        """Send what is batched for bookd; a full queue drops it all and counts it.
+
+        Dropped frames keep their sequence numbers consumed, so bookd sees the gap.
+        """
+        n = len(self.bookd_batch.pending)
+        msg = self.bookd_batch.take()
+        if msg is not None:
+            try:
+                self.to_bookd.send(msg, zmq.NOBLOCK)
+            except zmq.Again:
+                self.counters["drops_bookd"] += n
 
     # -- other transport events --------------------------------------------------------
     def on_oversized(self, conn_id: int, size: int) -> None:
@@ -158,6 +181,7 @@ class IngestApp:
             self.conn = None
             self.execute(self.session.on_disconnected(time.time_ns(), "closed by peer",
                                                       conn_id))
+            self.flush_bookd()
 
     # -- actions -----------------------------------------------------------------------
     def execute(self, actions: list) -> None:
@@ -198,10 +222,7 @@ class IngestApp:
     def _to_bookd_control(self, message, pair_index: int) -> None:
         if type(message).__name__ == "ConnectionState" and message.up:
             self.seq = [0] * len(self.seq)
-        try:
-            self.to_bookd.send(pack_control(message, self.conn_id, pair_index), zmq.NOBLOCK)
-        except zmq.Again:
-            self.counters["drops_bookd"] += 1
+        self._to_bookd(pack_control(message, self.conn_id, pair_index))
 
     def _schedule(self, at_ns: int) -> None:
         if self._wake is not None:
@@ -213,6 +234,7 @@ class IngestApp:
     def _on_wake(self) -> None:
         self._wake = None
         self.execute(self.session.on_timer(time.time_ns()))
+        self.flush_bookd()
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -229,6 +251,7 @@ class IngestApp:
         except ConnectError as e:
             self._opening = 0
             self.execute(self.session.on_connect_failed(time.time_ns(), str(e)))
+            self.flush_bookd()
             return
         early, closed = self._early, self._early_closed
         self._opening, self._early, self._early_closed = 0, [], False
@@ -238,6 +261,7 @@ class IngestApp:
         self.conn = listener
         self.conn_id = conn_id
         self.execute(self.session.on_connected(time.time_ns(), conn_id))
+        self.flush_bookd()
         for payload in early:  # e.g. the status frame that came with the handshake
             self.on_text(conn_id, payload)
         if closed:
@@ -270,6 +294,7 @@ class IngestApp:
                     self._to_bookd_control(info, self.pair_index.get(pair, 0))
             self.execute(self.session.request_resync(list(req.pairs), time.time_ns(),
                                                      req.conn_id))
+            self.flush_bookd()
 
     def stats(self) -> None:
         counters = dict(self.session.counters)
@@ -301,6 +326,7 @@ class IngestApp:
                 self.stats()
         log.info("ingest: stopping")
         self.execute(self.session.stop(time.time_ns()))
+        self.flush_bookd()
         for task in list(self._tasks):
             task.cancel()
         self.stats()

@@ -3,7 +3,8 @@
 `FeedListener` is the picows listener of one connection. It copies each text message
 out of picows' receive buffer (a `WSFrame` is only valid inside `on_ws_frame`),
 reassembles fragmented messages, answers CLOSE, and hands complete messages to the
-sink's `on_text(conn_id, payload)`. Binary messages and protocol oddities are counted
+sink's `on_text(conn_id, payload, last)`; `last` is picows' `last_in_buffer`: no other
+complete frame follows in this socket read, so the sink can flush what it batched. Binary messages and protocol oddities are counted
 by the sink (`on_binary`), never raised: a raise inside a picows callback would drop
 the connection.
 
@@ -47,7 +48,8 @@ class FeedListener(WSListener):
         t = frame.msg_type
         if t == WSMsgType.TEXT:
             if frame.fin:
-                self.sink.on_text(self.conn_id, frame.get_payload_as_bytes())
+                self.sink.on_text(self.conn_id, frame.get_payload_as_bytes(),
+                                  frame.last_in_buffer)
             else:
                 self._parts = [frame.get_payload_as_bytes()]
                 self._parts_len = len(self._parts[0])
@@ -66,7 +68,7 @@ class FeedListener(WSListener):
                 if self._parts_len > self._limit:
                     self.sink.on_oversized(self.conn_id, self._parts_len)
                 else:
-                    self.sink.on_text(self.conn_id, b"".join(parts))
+                    self.sink.on_text(self.conn_id, b"".join(parts), frame.last_in_buffer)
         elif t == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()

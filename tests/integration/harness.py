@@ -49,6 +49,7 @@ import zmq
 
 from ingest.config import Config, load_config
 from ingest.messages import (
+    BATCH,
     CONTROL,
     EVENT,
     FRAME,
@@ -60,6 +61,7 @@ from ingest.messages import (
     decode_control,
     pack_control,
     split_event,
+    unpack_batch,
     unpack_header,
 )
 
@@ -306,7 +308,10 @@ class _Collector:
                     except zmq.Again:
                         break
                     try:
-                        self.items.append(self.decode(msg, time.monotonic()))
+                        t = time.monotonic()
+                        # The real receivers unwrap BATCH messages; so do the fakes.
+                        for inner in (unpack_batch(msg) if msg[:1] == bytes([BATCH]) else (msg,)):
+                            self.items.append(self.decode(inner, t))
                     except (MessageError, msgspec.DecodeError, UnicodeDecodeError) as e:
                         self.errors.append(f"{e}: {msg[:100]!r}")
         finally:

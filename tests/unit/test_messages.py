@@ -11,22 +11,26 @@ from hypothesis import strategies as st
 
 from ingest import messages as m
 from ingest.messages import (
+    BATCH,
     CONTROL,
     EVENT,
     FRAME,
     HEADER_SIZE,
     HEADER_VERSION,
     NO_PAIR,
+    Batcher,
     ConnectionState,
     MessageError,
     PairInfo,
     ResyncRequest,
     Stale,
     decode_control,
+    pack_batch,
     pack_control,
     pack_event,
     pack_frame,
     split_event,
+    unpack_batch,
     unpack_header,
 )
 from tests import vectors
@@ -108,7 +112,7 @@ def test_short_and_unknown_messages_raise():
         with pytest.raises(MessageError, match="shorter"):
             unpack_header(short)
     assert unpack_header(good[:HEADER_SIZE])[0] == FRAME  # a bare header is long enough
-    for kind in (0, 4, 255):
+    for kind in (0, 5, 255):
         with pytest.raises(MessageError, match="kind"):
             unpack_header(bytes([kind]) + good[1:])
     for version in (0, HEADER_VERSION + 1, 255):
@@ -159,3 +163,32 @@ def test_bad_events_raise():
     for body in (b"", b"topic", b" T {}", b"t  {}", b"topiconly {}"[:9]):
         with pytest.raises(MessageError):
             split_event(header + body)
+
+
+def test_batch_round_trip_keeps_every_message_and_order():
+    msgs = [pack_frame(b'{"channel":"book"}', 7, 1, n, 100 + n) for n in range(1, 6)]
+    msgs.insert(2, pack_control(ResyncRequest(("BTC/USD",), "test")))
+    batch = pack_batch(msgs)
+    assert unpack_header(batch)[0] == BATCH
+    assert unpack_batch(batch) == msgs
+    assert unpack_batch(pack_batch([])) == []
+
+
+def test_malformed_batches_raise():
+    batch = pack_batch([pack_frame(b"abc", 1, 0, 1, 2), pack_frame(b"defg", 1, 0, 2, 3)])
+    for cut in (HEADER_SIZE + 2, len(batch) - 1):
+        with pytest.raises(MessageError, match="cut short"):
+            unpack_batch(batch[:cut])
+    with pytest.raises(MessageError, match="stray"):
+        unpack_batch(batch + b"x")
+    with pytest.raises(MessageError, match="not a batch"):
+        unpack_batch(pack_frame(b"abc", 1, 0, 1, 2))
+
+
+def test_batcher_sends_a_lone_message_as_itself_and_flags_a_full_batch():
+    b = Batcher(limit=3)
+    assert b.take() is None
+    one = pack_frame(b"x", 1, 0, 1, 2)
+    assert b.add(one) is False and b.take() == one
+    assert [b.add(one), b.add(one), b.add(one)] == [False, False, True]
+    assert unpack_batch(b.take()) == [one, one, one] and b.pending == []
