@@ -67,7 +67,8 @@ _json = msgspec.json.Encoder()
 class _Pair:
     __slots__ = ("index", "name", "book", "phase", "conn_id", "last_seq", "misses",
                  "resyncs", "last_data_ns", "shm_state", "prefix", "pp", "qp",
-                 "triggered", "resync_pending_ns", "suffix")
+                 "triggered", "resync_pending_ns", "suffix", "topic", "bids_json",
+                 "asks_json")
 
     def __init__(self, index: int, name: str, depth: int) -> None:
         self.index = index
@@ -86,37 +87,41 @@ class _Pair:
         self.resync_pending_ns = 0
         self.prefix = b'{"pair":' + _json.encode(name) + b',"timestamp":'
         self.suffix = b"}"
+        self.topic = book_topic(name)
+        self.bids_json: bytes | None = None  # joined level JSON, None = rebuild
+        self.asks_json: bytes | None = None
 
 
 def _render(ticks: int, precision: int) -> bytes:
     return ticks_to_decimal(ticks, precision).encode()
 
 
-_minute_base: dict[str, int] = {}
+_second_base: dict[str, int] = {}
+_FRAC_SCALE = [10 ** (9 - n) for n in range(10)]  # 6 fraction digits -> * 1000
 
 
 def exchange_ts_ns(ts: str | None) -> int:
     """Kraken's RFC3339 `timestamp` as unix ns (0 when absent or unparseable).
 
-    The common shape `YYYY-MM-DDTHH:MM:SS.ffffffZ` is parsed by slicing, with the
-    minute's base cached; anything else goes through bus.schema.rfc3339_to_ns.
+    The common shape `YYYY-MM-DDTHH:MM:SS.ffffffZ` costs one dict lookup: the unix ns
+    of each `YYYY-MM-DDTHH:MM:SS` prefix is cached (computed once by
+    bus.schema.rfc3339_to_ns, which also rejects a malformed prefix), and only the
+    fraction is parsed here. Anything else goes through rfc3339_to_ns.
     """
     if not ts:
         return 0
     try:
-        if len(ts) > 20 and ts[19] == "." and ts[-1] == "Z" and ts.isascii():
-            sec = ts[17:19]
+        if len(ts) > 20 and ts[19] == "." and ts[-1] == "Z":
             frac = ts[20:-1]
-            # int() would also take "+1", "1_2", " 2" or second 99: only plain digits
-            # and seconds 00-59 take the fast path; the rest is decided by rfc3339_to_ns.
-            if sec.isdigit() and sec < "60" and frac.isdigit():
-                head = ts[:17]
-                base = _minute_base.get(head)
+            # int() would also take "+1", "1_2" or " 2": only plain ASCII digits.
+            if len(frac) <= 9 and frac.isdigit() and frac.isascii():
+                head = ts[:19]
+                base = _second_base.get(head)
                 if base is None:
-                    if len(_minute_base) > 4096:
-                        _minute_base.clear()
-                    base = _minute_base[head] = rfc3339_to_ns(head + "00Z")
-                return base + int(sec) * 10**9 + int(frac[:9].ljust(9, "0"))
+                    if len(_second_base) > 4096:
+                        _second_base.clear()
+                    base = _second_base[head] = rfc3339_to_ns(head + "Z")
+                return base + int(frac) * _FRAC_SCALE[len(frac)]
         return rfc3339_to_ns(ts)
     except ValueError:
         return 0
@@ -174,6 +179,7 @@ class BookKeeper:
             self.writer.set_precision(p.index, p.pp, p.qp)
             p.book.price_precision, p.book.qty_precision = p.pp, p.qp
             p.book.clear()  # cached renderings are at the old precision
+            p.bids_json = p.asks_json = None
             p.suffix = b',"depth":%d,"price_precision":%d,"qty_precision":%d}' % (
                 self.depth, p.pp, p.qp)
         if info.conn_id != p.conn_id:
@@ -241,6 +247,10 @@ class BookKeeper:
                 self._resync(p, "updates without a snapshot", now_ns)
             return
         book = p.book
+        if u.snapshot or u.bids:  # invalidate first: every exit below leaves it right
+            p.bids_json = None
+        if u.snapshot or u.asks:
+            p.asks_json = None
         try:
             crc = book.apply(u.snapshot, u.bids, u.asks)
         except BookError as e:
@@ -275,29 +285,41 @@ class BookKeeper:
             p.shm_state = BookState.VALID
             self._system(p.name, VALID, "checksum verified, book valid")
         self.counters["events"] += 1
-        self.out.event(book_topic(p.name), "MarketDataL2Event",
+        self.out.event(p.topic, "MarketDataL2Event",
                        self._l2_json(p, u, crc, ts_ns, recv_ns))
 
     def _l2_json(self, p: _Pair, u, crc: int, ts_ns: int, recv_ns: int) -> bytes:
+        """The MarketDataL2Event JSON, spliced from cached renderings.
+
+        Each level's `["price","qty"]` is rendered once when it changes (the book core's
+        `frags`), and each side's joined text is kept until a message touches that side.
+        tests/unit/test_keeper.py checks the result against msgspec's own encoding.
+        """
         book = p.book
         pp, qp = p.pp, p.qp
-        frags = book.bid_frags
-        if None in frags:
-            for i, f in enumerate(frags):
-                if f is None:
-                    frags[i] = b'["%s","%s"]' % (_render(-book.bid_keys[i], pp),
-                                                 _render(book.bid_qtys[i], qp))
-        frags = book.ask_frags
-        if None in frags:
-            for i, f in enumerate(frags):
-                if f is None:
-                    frags[i] = b'["%s","%s"]' % (_render(book.ask_keys[i], pp),
-                                                 _render(book.ask_qtys[i], qp))
+        bids = p.bids_json
+        if bids is None:
+            frags = book.bid_frags
+            if None in frags:
+                for i, f in enumerate(frags):
+                    if f is None:
+                        frags[i] = b'["%s","%s"]' % (_render(-book.bid_keys[i], pp),
+                                                     _render(book.bid_qtys[i], qp))
+            bids = p.bids_json = b",".join(frags)
+        asks = p.asks_json
+        if asks is None:
+            frags = book.ask_frags
+            if None in frags:
+                for i, f in enumerate(frags):
+                    if f is None:
+                        frags[i] = b'["%s","%s"]' % (_render(book.ask_keys[i], pp),
+                                                     _render(book.ask_qtys[i], qp))
+            asks = p.asks_json = b",".join(frags)
         # Encoded, not spliced: a timestamp is wire text and may hold quotes/backslashes.
         ts = _json.encode(u.timestamp) if u.timestamp else b"null"
         return b"".join((
-            p.prefix, ts, b',"source":"kraken_ws_v2","bids":[', b",".join(book.bid_frags),
-            b'],"asks":[', b",".join(book.ask_frags), b'],"checksum":%d,"conn_id":%d,'
+            p.prefix, ts, b',"source":"kraken_ws_v2","bids":[', bids,
+            b'],"asks":[', asks, b'],"checksum":%d,"conn_id":%d,'
             b'"exchange_ts_ns":%s,"recv_ns":%d,"snapshot":%s' % (
                 crc, p.conn_id, b"%d" % ts_ns if ts_ns else b"null", recv_ns,
                 b"true" if u.snapshot else b"false"),
