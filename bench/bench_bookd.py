@@ -64,10 +64,12 @@ from bookd.reader import BookReader  # noqa: E402
 from bookd.service import _Out  # noqa: E402
 from bookd.shm import BookWriter, unlink_namespace  # noqa: E402
 from ingest.messages import (  # noqa: E402
+    BATCH,
     HEADER_SIZE,
     PairInfo,
     pack_control,
     pack_frame,
+    unpack_batch,
     unpack_header,
 )
 from ingest.wire import decode_book  # noqa: E402
@@ -300,8 +302,11 @@ class EventCounter(threading.Thread):
                     msg = sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if msg[HEADER_SIZE:HEADER_SIZE + 5] == b"book.":
-                    self.n += 1
+                # bookd batches its events (ingest.messages.BATCH): count inner messages.
+                inner = unpack_batch(msg) if msg[:1] == bytes([BATCH]) else (msg,)
+                n = sum(1 for m in inner if m[HEADER_SIZE:HEADER_SIZE + 5] == b"book.")
+                if n:
+                    self.n += n
                     self.last = time.perf_counter()
 
     def wait(self, count: int, timeout: float) -> bool:
