@@ -26,12 +26,12 @@ neither route does). Two routes:
   their text (`_token_ticks`). Always right; about twice the cost.
 * **float fast path** with a guard that provably falls back to the exact route:
 
-  1. *Frame guard.* The frame is mapped with one `bytes.translate` (digits and `.` ->
-     `1`, `e`/`E` -> `e`, `+`/`-` -> `s`, anything else -> space). If it holds a run
-     of 16 `1`s (a token of 16 or more digit/dot characters) or an `e` followed by a
-     digit or sign (exponent notation), the whole frame takes the exact route. So on
-     the fast path every number token T is plain decimal with at most 15 significant
-     digits.
+  1. *Frame guard.* The frame is mapped with one `bytes.translate` (digits, `.`, `+`
+     and `-` -> `1`, `e`/`E` -> `e`, anything else -> space). If it holds a run of 16
+     `1`s (a token of 16 or more digit/dot/sign characters) or an `e` followed by a `1`
+     (exponent notation: `1e5`, `1E-5`, `1e+5` all map to `1e1...`), the whole frame
+     takes the exact route. So on the fast path every number token T is plain decimal
+     with at most 15 significant digits. (Signs only lengthen runs: conservative.)
   2. *Token check.* With x = double(T) and s = 10**p (exact for p <= 22), take
      n = round(x*s) and accept only if 0 <= n < 10**15 and n / s == x (the division of
      two exact doubles is correctly rounded, so n / s == double(n * 10**-p)). A signed
@@ -83,8 +83,8 @@ _MAX_TICK_DIGITS = 4000
 _GUARD_TABLE = bytearray(b" " * 256)
 for _c in b"0123456789.":
     _GUARD_TABLE[_c] = ord("1")
+_GUARD_TABLE[ord("+")] = _GUARD_TABLE[ord("-")] = ord("1")
 _GUARD_TABLE[ord("e")] = _GUARD_TABLE[ord("E")] = ord("e")
-_GUARD_TABLE[ord("+")] = _GUARD_TABLE[ord("-")] = ord("s")
 _GUARD_TABLE = bytes(_GUARD_TABLE)
 _RUN16 = b"1" * 16
 
@@ -92,7 +92,7 @@ _RUN16 = b"1" * 16
 def _fast_path_allowed(frame: bytes) -> bool:
     """True when every number token in `frame` is plain decimal with <= 15 digits."""
     t = frame.translate(_GUARD_TABLE)
-    return _RUN16 not in t and b"e1" not in t and b"es" not in t
+    return b"e1" not in t and _RUN16 not in t
 
 
 def token_ticks(token: bytes | str, precision: int) -> int:
