@@ -173,40 +173,18 @@ def decimal_text(token: bytes | Raw) -> str:
 # --------------------------------------------------------------------------------------
 # book: the hot path
 
-class _LevelF(Struct, gc=False):
-    price: float
-    qty: float
+def _book_structs(number: type) -> type:
+    """The book frame's shape with `number` for price and qty: float (fast path) or Raw
+    (exact route). One definition, so the two decoders cannot drift apart."""
+    level = msgspec.defstruct("Level", [("price", number), ("qty", number)], gc=False)
+    data = msgspec.defstruct("BookData", [
+        ("symbol", str), ("checksum", int), ("bids", list[level], []),
+        ("asks", list[level], []), ("timestamp", str | None, None)], gc=False)
+    return msgspec.defstruct("BookMsg", [("type", str), ("data", list[data])], gc=False)
 
 
-class _BookDataF(Struct, gc=False):
-    symbol: str
-    checksum: int
-    bids: list[_LevelF] = []
-    asks: list[_LevelF] = []
-    timestamp: str | None = None
-
-
-class _BookMsgF(Struct, gc=False):
-    type: str
-    data: list[_BookDataF]
-
-
-class _LevelR(Struct, gc=False):
-    price: Raw
-    qty: Raw
-
-
-class _BookDataR(Struct, gc=False):
-    symbol: str
-    checksum: int
-    bids: list[_LevelR] = []
-    asks: list[_LevelR] = []
-    timestamp: str | None = None
-
-
-class _BookMsgR(Struct, gc=False):
-    type: str
-    data: list[_BookDataR]
+_BookMsgF = _book_structs(float)
+_BookMsgR = _book_structs(Raw)
 
 
 class BookUpdate(Struct, frozen=True, gc=False):
@@ -227,7 +205,7 @@ _book_dec_f = msgspec.json.Decoder(_BookMsgF)
 _book_dec_r = msgspec.json.Decoder(_BookMsgR)
 
 
-def _levels_fast(levels: list[_LevelF], ps: float, qs: float) -> list[tuple[int, int]] | None:
+def _levels_fast(levels: list, ps: float, qs: float) -> list[tuple[int, int]] | None:
     out = []
     append = out.append
     for lv in levels:
@@ -241,7 +219,7 @@ def _levels_fast(levels: list[_LevelF], ps: float, qs: float) -> list[tuple[int,
     return out
 
 
-def _levels_exact(levels: list[_LevelR], pp: int, qp: int) -> list[tuple[int, int]]:
+def _levels_exact(levels: list, pp: int, qp: int) -> list[tuple[int, int]]:
     return [(token_ticks(bytes(lv.price), pp), token_ticks(bytes(lv.qty), qp)) for lv in levels]
 
 

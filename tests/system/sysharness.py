@@ -15,7 +15,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,33 +31,11 @@ from bookd.layout import BookState
 from bookd.reader import BookReader
 from bus.supervisor_rpc import rpc_for_socket
 from replay.control import ReplayControl
+from tests.integration.harness import free_ports, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PROGRAMS = ("replay", "bus", "bookd", "ingest")
 _dec = msgspec.json.Decoder()
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def wait_for(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Subscriber:
