@@ -3,9 +3,10 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint soak bench bench-quick clean run status stop clear-halt
+.PHONY: venv bench-venv test lint soak bench bench-quick clean run status stop clear-halt
 SVCTL   := $(VPY) -m supervisor.supervisorctl -c supervisord.conf
 
 # Create the venv and install the project with its test extra. Idempotent: the stamp
@@ -28,6 +29,25 @@ lint: venv
 soak: venv
 	$(VPY) -m pytest -q -m soak -o addopts="" $(PYTEST_ARGS)
 
+# Benchmarks (never part of `make test`): the venv plus the bench extra (python-kraken-sdk,
+# matplotlib, websockets), idempotent like `venv`. `bench` is the full load test (< 10 min),
+# `bench-quick` the same at smaller scale (< 90 s). Both print a table, write
+# bench/results/latest.json and two PNGs, and end with one JSON line (README "Benchmarks").
+# The recipes run python directly and silently, so nothing is printed after that line.
+bench-venv: $(BENCH_STAMP)
+
+$(BENCH_STAMP): pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e ".[test,bench]"
+	@touch $@
+
+bench: bench-venv
+	@$(VPY) bench/loadtest.py
+
+bench-quick: bench-venv
+	@$(VPY) bench/loadtest.py --quick
+
 # Start the whole system in the foreground under supervisord. Default: the bundled replay
 # server plays a synthetic Kraken market (no network). LIVE=1: wss://ws.kraken.com/v2.
 # Ctrl-C stops everything in order (ingest, bookd, bus, replay, haltd).
@@ -39,6 +59,11 @@ run: venv
 	@$(SVCTL) status >/dev/null 2>&1; rc=$$?; if [ $$rc -ne 4 ]; then \
 	  echo "krakenfeed is already running here (supervisord answers on run/supervisor.sock)."; \
 	  echo "See 'make status'; stop it with 'make stop'."; exit 1; fi
+	@if $(VPY) -m bookd.top --once >/dev/null 2>&1; then \
+	  echo "Another krakenfeed (another checkout?) is running in this namespace: its books"; \
+	  echo "are live in shared memory ($(VPY) -m bookd.top --once shows them)."; \
+	  echo "Stop it, or give this checkout its own [system] namespace in etc/krakenfeed.toml."; \
+	  exit 1; fi
 	@if [ -n "$(LIVE)" ]; then $(VPY) scripts/live_conf.py supervisord.conf run/supervisord.live.conf; fi
 	@echo "krakenfeed: starting $(if $(LIVE),LIVE on wss://ws.kraken.com/v2,on the bundled synthetic market) (Ctrl-C stops it)"
 	@echo "  programs : $(if $(LIVE),,replay ,)ingest, bookd, bus, haltd (supervisord.conf)"

@@ -42,6 +42,7 @@ from ingest.messages import (
     Batcher,
     MessageError,
     ResyncRequest,
+    batch_hwm,
     decode_control,
     pack_control,
     pack_event,
@@ -52,13 +53,15 @@ from ingest.messages import (
 log = logging.getLogger("bookd")
 _json = msgspec.json.Encoder()
 DRAIN = 2000
+EVENT_BATCH = 64  # events per message to the bus at most
 _BATCH = bytes([BATCH])
 
 
 class _Out:
     """The keeper's sinks: events to the bus (batched per drain pass), resyncs to ingest."""
 
-    def __init__(self, to_bus: zmq.Socket, to_ingest: zmq.Socket, batch: int = 64) -> None:
+    def __init__(self, to_bus: zmq.Socket, to_ingest: zmq.Socket,
+                 batch: int = EVENT_BATCH) -> None:
         self.to_bus = to_bus
         self.to_ingest = to_ingest
         self.batch = Batcher(batch)
@@ -96,7 +99,7 @@ def run(cfg: Config) -> int:
     writer = BookWriter(cfg.namespace, pairs, depth, heartbeat_ms=cfg.bookd.heartbeat_ms)
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.RCVHWM, cfg.ingest.send_hwm)
+    pull.setsockopt(zmq.RCVHWM, batch_hwm(cfg.ingest.send_hwm))  # ingest sends batches
     pull.setsockopt(zmq.LINGER, 0)
     pull.bind(cfg.ipc("bookd"))
     to_ingest = ctx.socket(zmq.PUSH)
@@ -104,7 +107,7 @@ def run(cfg: Config) -> int:
     to_ingest.setsockopt(zmq.LINGER, 0)
     to_ingest.connect(cfg.ipc("ingest.ctl"))
     to_bus = ctx.socket(zmq.PUSH)
-    to_bus.setsockopt(zmq.SNDHWM, cfg.bus.sndhwm)
+    to_bus.setsockopt(zmq.SNDHWM, batch_hwm(cfg.bus.sndhwm, EVENT_BATCH))
     to_bus.setsockopt(zmq.LINGER, 500)
     to_bus.connect(cfg.ipc("bus.in"))
     out = _Out(to_bus, to_ingest)
@@ -152,7 +155,12 @@ def run(cfg: Config) -> int:
         while not stop:
             if pull.poll(cfg.bookd.heartbeat_ms):
                 now = mono()
-                for _ in range(DRAIN):
+                for k in range(DRAIN):
+                    if k & 63 == 63:  # a long pass must not starve the writer heartbeat
+                        now = mono()
+                        if now >= next_hb:
+                            writer.heartbeat(now)
+                            next_hb = now + hb_ns
                     try:
                         msg = recv(zmq.NOBLOCK)
                     except zmq.Again:

@@ -40,7 +40,15 @@ import zmq
 
 from bus import schema
 from ingest.config import Config
-from ingest.messages import BATCH, EVENT, HEADER_SIZE, HEADER_VERSION, MessageError, unpack_batch
+from ingest.messages import (
+    BATCH,
+    EVENT,
+    HEADER_SIZE,
+    HEADER_VERSION,
+    MessageError,
+    batch_hwm,
+    unpack_batch,
+)
 
 log = logging.getLogger("bus")
 DRAIN = 5000
@@ -108,7 +116,7 @@ def run(cfg: Config) -> int:
     host = cfg.bus.bind_host
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.RCVHWM, cfg.bus.sndhwm)
+    pull.setsockopt(zmq.RCVHWM, batch_hwm(cfg.bus.sndhwm, 64))  # producers send batches
     pull.setsockopt(zmq.LINGER, 0)
     pull.bind(cfg.ipc("bus.in"))
     pub = ctx.socket(zmq.PUB)

@@ -41,6 +41,7 @@ from ingest.messages import (
     Batcher,
     MessageError,
     ResyncRequest,
+    batch_hwm,
     decode_control,
     pack_control,
     pack_event,
@@ -75,10 +76,11 @@ class IngestApp:
         self.pair_index = {p: i for i, p in enumerate(cfg.trading.pairs)}
         self.max_frame = cfg.ingest.max_frame_bytes
         self.ctx = zmq.Context()
-        self.to_bookd = self._socket(zmq.PUSH, cfg.ipc("bookd"), cfg.ingest.send_hwm)
         # Everything for bookd (frames and control, in order) is batched per socket read
         # and sent as one ZMQ message when picows says the read is done (flush_bookd).
-        self.bookd_batch = Batcher(512)
+        # The queue bound is in frames: [ingest] send_hwm frames in full batches.
+        self.bookd_batch = Batcher()
+        self.to_bookd = self._socket(zmq.PUSH, cfg.ipc("bookd"), batch_hwm(cfg.ingest.send_hwm))
         self.to_bus = self._socket(zmq.PUSH, cfg.ipc("bus.in"), cfg.ingest.send_hwm)
         self.ctl = self.ctx.socket(zmq.PULL)
         self.ctl.setsockopt(zmq.LINGER, 0)

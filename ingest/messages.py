@@ -45,6 +45,13 @@ EVENT = 3
 BATCH = 4
 KINDS = (FRAME, CONTROL, EVENT, BATCH)
 _LEN = struct.Struct("<I")
+BATCH_LIMIT = 128  # messages per batch at most
+
+
+def batch_hwm(messages: int, batch: int = BATCH_LIMIT) -> int:
+    """A ZMQ high-water mark (which counts ZMQ messages, i.e. batches) that bounds a
+    queue of batches of up to `batch` messages to about `messages` messages."""
+    return max(16, messages // batch)
 
 
 class MessageError(ValueError):
@@ -187,7 +194,7 @@ class Batcher:
 
     __slots__ = ("pending", "limit")
 
-    def __init__(self, limit: int = 256) -> None:
+    def __init__(self, limit: int = BATCH_LIMIT) -> None:
         self.pending: list[bytes] = []
         self.limit = limit
 

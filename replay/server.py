@@ -200,7 +200,9 @@ class _Connection(WSListener):
         if delay <= 0:
             self._handle = self.loop.call_soon(self._pump)
         else:
-            self._handle = self.loop.call_later(delay, self._pump)
+            # uvloop runs a call_later of under 1 ms at once, so a shorter delay would
+            # spin the pump; frames due within the millisecond go out together.
+            self._handle = self.loop.call_later(max(delay, 0.001), self._pump)
 
     def _pump(self) -> None:
         self._handle = None
