@@ -26,8 +26,10 @@ test: venv
 lint: venv
 	$(VPY) -m ruff check .
 
-soak: venv
-	$(VPY) -m pytest -q -m soak -o addopts="" $(PYTEST_ARGS)
+# The soak: the system at 10k msg/s for 30 minutes (SOAK_S=120 for a try), RSS growth
+# per hour, latency and loss over time; bench/results/soak.{json,png}.
+soak: bench-venv
+	@$(VPY) bench/soak.py $(if $(SOAK_S),--seconds $(SOAK_S),)
 
 # Benchmarks (never part of `make test`): the venv plus the bench extra (python-kraken-sdk,
 # matplotlib, websockets), idempotent like `venv`. `bench` is the full load test (< 10 min),
