@@ -101,6 +101,7 @@ class IngestApp:
             "ws_frames", "forwarded", "oversized", "binary", "unknown_pair", "not_subscribed",
             "drops_bookd", "drops_bus", "bad_control", "resync_requests"), 0)
         self._wake: asyncio.TimerHandle | None = None
+        self._progress = (0.0, 0)  # (monotonic time, forwarded) at the last stats line
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
 
@@ -307,6 +308,20 @@ class IngestApp:
                         pid=os.getpid(), counters=counters,
                         gauges={"connected": 1.0 if self.conn is not None else 0.0})
         self._to_bus("stats", "StatsEvent", _json.encode(ev))
+        self._log_progress(counters)
+
+    def _log_progress(self, counters: dict[str, int]) -> None:
+        """One line per stats interval while frames flow: what was forwarded to bookd."""
+        now = time.monotonic()
+        fwd = counters["forwarded"]
+        last_t, last_fwd = self._progress
+        self._progress = (now, fwd)
+        if fwd == last_fwd or not last_t:
+            return
+        log.info("forwarded %d book frames to bookd (%.0f/s; %d in all), dropped %d, "
+                 "%d ws frames, %d decode errors", fwd - last_fwd,
+                 (fwd - last_fwd) / (now - last_t), fwd, counters["drops_bookd"],
+                 counters["ws_frames"], counters["decode_errors"])
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
