@@ -52,7 +52,6 @@ from bus.schema import (
     book_topic,
     ns_to_rfc3339,
     rfc3339_to_ns,
-    ticks_to_decimal,
 )
 from ingest.messages import ConnectionState, PairInfo, ResyncRequest, Stale
 from ingest.wire import WireError, decode_book
@@ -68,7 +67,7 @@ class _Pair:
     __slots__ = ("index", "name", "book", "phase", "conn_id", "last_seq", "misses",
                  "resyncs", "last_data_ns", "shm_state", "prefix", "pp", "qp",
                  "triggered", "resync_pending_ns", "suffix", "topic", "bids_json",
-                 "asks_json")
+                 "asks_json", "fmt", "ps", "qs")
 
     def __init__(self, index: int, name: str, depth: int) -> None:
         self.index = index
@@ -90,10 +89,18 @@ class _Pair:
         self.topic = book_topic(name)
         self.bids_json: bytes | None = None  # joined level JSON, None = rebuild
         self.asks_json: bytes | None = None
+        self.fmt = b""  # level_format at this pair's precisions (set by PairInfo)
+        self.ps = self.qs = 1
 
 
-def _render(ticks: int, precision: int) -> bytes:
-    return ticks_to_decimal(ticks, precision).encode()
+def level_format(price_precision: int, qty_precision: int) -> bytes:
+    """The %-format of one level's JSON, `["price","qty"]`, taking the four values
+    `divmod(price_ticks, 10**pp) + divmod(qty_ticks, 10**qp)`: integer division and a
+    zero-padded fraction, exact for any size, in one formatting operation. A precision of
+    0 prints the whole part only (`%.0a` swallows the zero remainder)."""
+    def part(prec: int) -> bytes:
+        return b"%%d.%%0%dd" % prec if prec else b"%d%.0a"
+    return b'["' + part(price_precision) + b'","' + part(qty_precision) + b'"]'
 
 
 _second_base: dict[str, int] = {}
@@ -180,6 +187,8 @@ class BookKeeper:
             p.book.price_precision, p.book.qty_precision = p.pp, p.qp
             p.book.clear()  # cached renderings are at the old precision
             p.bids_json = p.asks_json = None
+            p.fmt = level_format(p.pp, p.qp)
+            p.ps, p.qs = 10 ** p.pp, 10 ** p.qp
             p.suffix = b',"depth":%d,"price_precision":%d,"qty_precision":%d}' % (
                 self.depth, p.pp, p.qp)
         if info.conn_id != p.conn_id:
@@ -296,24 +305,24 @@ class BookKeeper:
         tests/unit/test_keeper.py checks the result against msgspec's own encoding.
         """
         book = p.book
-        pp, qp = p.pp, p.qp
+        fmt, ps, qs = p.fmt, p.ps, p.qs
         bids = p.bids_json
         if bids is None:
             frags = book.bid_frags
             if None in frags:
+                keys, qtys = book.bid_keys, book.bid_qtys
                 for i, f in enumerate(frags):
                     if f is None:
-                        frags[i] = b'["%s","%s"]' % (_render(-book.bid_keys[i], pp),
-                                                     _render(book.bid_qtys[i], qp))
+                        frags[i] = fmt % (*divmod(-keys[i], ps), *divmod(qtys[i], qs))
             bids = p.bids_json = b",".join(frags)
         asks = p.asks_json
         if asks is None:
             frags = book.ask_frags
             if None in frags:
+                keys, qtys = book.ask_keys, book.ask_qtys
                 for i, f in enumerate(frags):
                     if f is None:
-                        frags[i] = b'["%s","%s"]' % (_render(book.ask_keys[i], pp),
-                                                     _render(book.ask_qtys[i], qp))
+                        frags[i] = fmt % (*divmod(keys[i], ps), *divmod(qtys[i], qs))
             asks = p.asks_json = b",".join(frags)
         # Encoded, not spliced: a timestamp is wire text and may hold quotes/backslashes.
         ts = _json.encode(u.timestamp) if u.timestamp else b"null"

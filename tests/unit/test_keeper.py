@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from bookd.book import Book
 from bookd.checksum import checksum_levels
-from bookd.keeper import BookKeeper, exchange_ts_ns
+from bookd.keeper import BookKeeper, exchange_ts_ns, level_format
 from bookd.layout import P_STATE, U32, BookState, pair_geometry
 from bookd.seqlock import BookPublisher
 from bus.schema import (
@@ -595,3 +595,13 @@ def test_exchange_ts_garbage_is_zero_or_rfc3339(pos, junk):
     "2023-07-30 15:29:01.5Z", "2023-07-30T15:29:0\u0661.5Z"])
 def test_exchange_ts_garbage_is_zero(text):
     assert exchange_ts_ns(text) == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(price=st.integers(0, 2**70), qty=st.integers(0, 2**70), pp=st.integers(0, 18),
+       qp=st.integers(0, 18))
+def test_level_format_is_exact_decimal_text(price, qty, pp, qp):
+    """The one-shot divmod rendering equals bus.schema.ticks_to_decimal, zeros kept."""
+    frag = level_format(pp, qp) % (*divmod(price, 10**pp), *divmod(qty, 10**qp))
+    assert frag == b'["%s","%s"]' % (ticks_to_decimal(price, pp).encode(),
+                                     ticks_to_decimal(qty, qp).encode())
