@@ -59,7 +59,6 @@ from ingest.wire import WireError, decode_book
 log = logging.getLogger("bookd")
 
 AWAIT_SNAPSHOT, LIVE, SUSPECT, HALT = range(4)
-_U64 = 2**64
 _json = msgspec.json.Encoder()
 
 
@@ -187,6 +186,9 @@ class BookKeeper:
             p.book.price_precision, p.book.qty_precision = p.pp, p.qp
             p.book.clear()  # cached renderings are at the old precision
             p.bids_json = p.asks_json = None
+            if p.phase != HALT:  # ticks at the old precision mean nothing now
+                p.phase = AWAIT_SNAPSHOT
+                p.resync_pending_ns = now_ns
             p.fmt = level_format(p.pp, p.qp)
             p.ps, p.qs = 10 ** p.pp, 10 ** p.qp
             p.suffix = b',"depth":%d,"price_precision":%d,"qty_precision":%d}' % (

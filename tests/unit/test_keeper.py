@@ -605,3 +605,31 @@ def test_level_format_is_exact_decimal_text(price, qty, pp, qp):
     frag = level_format(pp, qp) % (*divmod(price, 10**pp), *divmod(qty, 10**qp))
     assert frag == b'["%s","%s"]' % (ticks_to_decimal(price, pp).encode(),
                                      ticks_to_decimal(qty, qp).encode())
+
+
+def test_precision_change_mid_connection_awaits_a_fresh_snapshot():
+    """A PairInfo with new precisions on the same connection (Kraken changed the pair's
+    instrument): old-precision updates must not be applied to the emptied book; the
+    snapshot at the new precision makes the book valid again, rendered at it."""
+    (pp, qp), frames = synthetic_frames("BTC/USD", 10, 5)
+    rig = Rig({"BTC/USD": (pp, qp)}, 10)
+    rig.info("BTC/USD")
+    for f in frames[:3]:
+        rig.feed("BTC/USD", f)
+    assert rig.writer.state(0) == BookState.VALID
+    book = Book("BTC/USD", 10)
+    for f in frames[:3]:
+        (u,) = decode_book(f, {"BTC/USD": (pp, qp)})
+        book.apply(u.snapshot, u.bids, u.asks)
+    rig.prec["BTC/USD"] = (pp + 1, qp)
+    rig.info("BTC/USD")  # same conn_id, new price precision
+    events, resyncs, _ = rig.mark()
+    rig.feed("BTC/USD", frames[3])  # an update still at the old precision: ignored
+    assert rig.keeper.counters["mismatches"] == 0 and not rig.l2(since=events)
+    scaled = Book("BTC/USD", 10)
+    scaled.apply(True, [(p * 10, q) for p, q in book.bids()], [(p * 10, q) for p, q in book.asks()])
+    rig.feed("BTC/USD", render_snapshot("BTC/USD", scaled, pp + 1, qp))
+    (ev,) = rig.l2(since=events)
+    assert ev.snapshot and ev.price_precision == pp + 1
+    assert ev.bids[0][0] == ticks_to_decimal(scaled.bids()[0][0], pp + 1)
+    assert rig.writer.state(0) == BookState.VALID
