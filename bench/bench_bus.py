@@ -31,7 +31,6 @@ import os
 import platform
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,9 @@ import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "bench"))
+from lt_procs import free_ports  # noqa: E402
 
 from bus.schema import MarketDataL2Event, ns_to_rfc3339  # noqa: E402
 from ingest.config import load_config  # noqa: E402
@@ -63,23 +65,10 @@ class _Head(msgspec.Struct):
     pub_ns: int
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _write_config(directory: Path, sndhwm: int) -> Path:
     namespace = "kfbench" + secrets.token_hex(3)
     run_dir = tempfile.mkdtemp(prefix="kf")
-    jp, mp_, cp = _free_ports(3)
+    jp, mp_, cp = free_ports(3)
     path = directory / f"{namespace}.toml"
     path.write_text(
         f'[system]\nnamespace = "{namespace}"\nrun_dir = "{run_dir}"\nlog_level = "WARNING"\n'
