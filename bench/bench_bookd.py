@@ -64,12 +64,11 @@ from bookd.reader import BookReader  # noqa: E402
 from bookd.service import _Out  # noqa: E402
 from bookd.shm import BookWriter, unlink_namespace  # noqa: E402
 from ingest.messages import (  # noqa: E402
-    BATCH,
     HEADER_SIZE,
     PairInfo,
+    inner_messages,
     pack_control,
     pack_frame,
-    unpack_batch,
     unpack_header,
 )
 from ingest.wire import decode_book  # noqa: E402
@@ -303,7 +302,7 @@ class EventCounter(threading.Thread):
                 except zmq.Again:
                     break
                 # bookd batches its events (ingest.messages.BATCH): count inner messages.
-                inner = unpack_batch(msg) if msg[:1] == bytes([BATCH]) else (msg,)
+                inner = inner_messages(msg)
                 n = sum(1 for m in inner if m[HEADER_SIZE:HEADER_SIZE + 5] == b"book.")
                 if n:
                     self.n += n

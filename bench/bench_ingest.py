@@ -34,9 +34,8 @@ from lt_procs import (  # noqa: E402
 )
 
 from ingest.messages import (  # noqa: E402
-    BATCH,
     FRAME,
-    unpack_batch,
+    inner_messages,
     unpack_header,
 )
 
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                     break  # the server sent everything it had
                 continue
             msg = pull.recv()
-            inner = unpack_batch(msg) if msg[:1] == bytes([BATCH]) else (msg,)
+            inner = inner_messages(msg)
             for m in inner:
                 kind, pair, conn, seq, _ = unpack_header(m)
                 if kind != FRAME:

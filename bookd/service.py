@@ -35,7 +35,6 @@ from bookd.shm import BookWriter
 from bus.schema import StatsEvent, ns_to_rfc3339
 from ingest.config import Config
 from ingest.messages import (
-    BATCH,
     CONTROL,
     FRAME,
     HEADER_SIZE,
@@ -44,9 +43,9 @@ from ingest.messages import (
     ResyncRequest,
     batch_hwm,
     decode_control,
+    inner_messages,
     pack_control,
     pack_event,
-    unpack_batch,
     unpack_header,
 )
 
@@ -54,7 +53,6 @@ log = logging.getLogger("bookd")
 _json = msgspec.json.Encoder()
 DRAIN = 2000
 EVENT_BATCH = 64  # events per message to the bus at most
-_BATCH = bytes([BATCH])
 
 
 class _Out:
@@ -166,7 +164,7 @@ def run(cfg: Config) -> int:
                     except zmq.Again:
                         break
                     try:
-                        subs = unpack_batch(msg) if msg[:1] == _BATCH else (msg,)
+                        subs = inner_messages(msg)
                     except MessageError as e:
                         bad += 1
                         log.warning("bad internal batch dropped: %s", e)

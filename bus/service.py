@@ -41,18 +41,16 @@ import zmq
 from bus import schema
 from ingest.config import Config
 from ingest.messages import (
-    BATCH,
     EVENT,
     HEADER_SIZE,
     HEADER_VERSION,
     MessageError,
     batch_hwm,
-    unpack_batch,
+    inner_messages,
 )
 
 log = logging.getLogger("bus")
 DRAIN = 5000
-_BATCH = bytes([BATCH])
 _json = msgspec.json.Encoder()
 
 
@@ -191,15 +189,14 @@ def run(cfg: Config) -> int:
                         msg = recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    if msg[:1] == _BATCH:
-                        try:
-                            for sub in unpack_batch(msg):
-                                take(sub)
-                        except MessageError as e:
-                            counters["bad_messages"] += 1
-                            log.warning("bad batch dropped: %s", e)
-                    else:
-                        take(msg)
+                    try:
+                        subs = inner_messages(msg)
+                    except MessageError as e:
+                        counters["bad_messages"] += 1
+                        log.warning("bad batch dropped: %s", e)
+                        continue
+                    for sub in subs:
+                        take(sub)
             if mpub in ready:
                 while True:
                     try:
@@ -237,7 +234,7 @@ def run(cfg: Config) -> int:
             except zmq.Again:
                 break
             try:
-                subs = unpack_batch(msg) if msg[:1] == _BATCH else [msg]
+                subs = inner_messages(msg)
             except MessageError:
                 counters["bad_messages"] += 1
                 continue

@@ -39,6 +39,7 @@ from ingest.config import Config
 from ingest.messages import (
     CONTROL,
     Batcher,
+    ConnectionState,
     MessageError,
     ResyncRequest,
     batch_hwm,
@@ -223,7 +224,7 @@ class IngestApp:
             self.counters["drops_bus"] += 1
 
     def _to_bookd_control(self, message, pair_index: int) -> None:
-        if type(message).__name__ == "ConnectionState" and message.up:
+        if isinstance(message, ConnectionState) and message.up:
             self.seq = [0] * len(self.seq)
         self._to_bookd(pack_control(message, self.conn_id, pair_index))
 

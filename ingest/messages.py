@@ -184,6 +184,18 @@ def unpack_batch(msg: bytes) -> list[bytes]:
     return out
 
 
+_BATCH_KIND = bytes([BATCH])
+
+
+def inner_messages(msg: bytes) -> list[bytes] | tuple[bytes]:
+    """What one received ZMQ message carries: a BATCH's messages, else the message itself.
+
+    Every receiver goes through this, so a batched and an unbatched sender look the same.
+    Raises MessageError for a malformed batch (nothing of it is returned).
+    """
+    return unpack_batch(msg) if msg[:1] == _BATCH_KIND else (msg,)
+
+
 class Batcher:
     """Collects outgoing messages for one PUSH socket; `flush()` sends them as one.
 

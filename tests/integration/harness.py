@@ -49,7 +49,6 @@ import zmq
 
 from ingest.config import Config, load_config
 from ingest.messages import (
-    BATCH,
     CONTROL,
     EVENT,
     FRAME,
@@ -59,9 +58,9 @@ from ingest.messages import (
     ResyncRequest,
     Stale,
     decode_control,
+    inner_messages,
     pack_control,
     split_event,
-    unpack_batch,
     unpack_header,
 )
 
@@ -310,7 +309,7 @@ class _Collector:
                     try:
                         t = time.monotonic()
                         # The real receivers unwrap BATCH messages; so do the fakes.
-                        for inner in (unpack_batch(msg) if msg[:1] == bytes([BATCH]) else (msg,)):
+                        for inner in inner_messages(msg):
                             self.items.append(self.decode(inner, t))
                     except (MessageError, msgspec.DecodeError, UnicodeDecodeError) as e:
                         self.errors.append(f"{e}: {msg[:100]!r}")

@@ -25,6 +25,7 @@ from ingest.messages import (
     ResyncRequest,
     Stale,
     decode_control,
+    inner_messages,
     pack_batch,
     pack_control,
     pack_event,
@@ -192,3 +193,12 @@ def test_batcher_sends_a_lone_message_as_itself_and_flags_a_full_batch():
     assert b.add(one) is False and b.take() == one
     assert [b.add(one), b.add(one), b.add(one)] == [False, False, True]
     assert unpack_batch(b.take()) == [one, one, one] and b.pending == []
+
+
+def test_inner_messages_unwraps_a_batch_and_passes_a_lone_message_through():
+    one = pack_frame(b"x", 1, 0, 1, 2)
+    two = pack_control(ResyncRequest(("ETH/USD",), "test"))
+    assert inner_messages(one) == (one,)
+    assert list(inner_messages(pack_batch([one, two]))) == [one, two]
+    with pytest.raises(MessageError):
+        inner_messages(pack_batch([one, two])[:-1])
