@@ -95,7 +95,7 @@ pair's PairInfo (precisions) before that pair's first book frame on a connection
 
 Errors that mean the feed cannot deliver what is configured (refused subscriptions,
 pairs missing from the instrument snapshot, server errors, undecodable frames, requests
-never answered) are critical errors: ``critical_error_threshold_before_halt`` of them
+never answered while other frames arrive) are critical errors: ``critical_error_threshold_before_halt`` of them
 within `CRITICAL_WINDOW_S` publish a PotentialHaltTriggerEvent (and the count starts
 over). Reconnects have their own budget (`ingest.backoff`).
 """
@@ -213,6 +213,9 @@ class KrakenSession:
         self._msg_ns = seconds_to_ns(di.max_message_interval_s)
         self._hb_ns = seconds_to_ns(di.max_heartbeat_interval_s)
         self._ping_ns = seconds_to_ns(ing.ping_interval_s)
+        # No frame at all for this long: the connection itself is in doubt, and the
+        # liveness timers will close it; an unanswered request is then its symptom.
+        self._quiet_ns = min(self._hb_ns, self._msg_ns) // 2
         self._healthy_ns = seconds_to_ns(ing.healthy_after_s)
         self._max_frame = ing.max_frame_bytes
         self._critical_threshold = di.critical_error_threshold_before_halt
@@ -484,8 +487,12 @@ class KrakenSession:
             c["ack_timeouts"] += len(expired)
             text = (f"no ack for {len(expired)} subscription request(s) "
                     f"({', '.join(map(str, expired[:5]))}...): re-queued")
-            out.append(Log(act.WARNING, text))
-            self._critical(now_ns, text, out)
+            if now_ns - self._last_rx_ns < self._quiet_ns:
+                out.append(Log(act.WARNING, text))
+                self._critical(now_ns, text, out)  # frames flow, but not these acks
+            else:  # nothing arrives at all: a dead socket, not a refused subscription
+                out.append(Log(act.WARNING, f"{text}; the connection is silent, so this is "
+                                            "left to the liveness timers"))
         for finding in self.table.check_liveness(now_ns):
             self._stale(now_ns, finding, out)
         if now_ns - self._last_tx_ns >= self._ping_ns and self.pacer.try_take(now_ns):

@@ -226,8 +226,17 @@ control_port = {self.control_port}
         return out
 
     def wait_all_valid(self, timeout: float) -> None:
-        wait_for(lambda: all(s == BookState.VALID for s in self.states().values()), timeout,
-                 interval=0.1, what=f"every book valid ({self.states()})")
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.states()
+            if all(st == BookState.VALID for st in states.values()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"books not all valid after {timeout:g} s: {states}\n"
+                    f"halt.json: {self.halt_file().exists()}\n--- ingest.log\n"
+                    f"{self.log('ingest')[-1500:]}\n--- bookd.log\n{self.log('bookd')[-1500:]}")
+            time.sleep(0.1)
 
     def control(self) -> ReplayControl:
         return ReplayControl(f"tcp://127.0.0.1:{self.control_port}")

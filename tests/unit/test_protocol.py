@@ -646,3 +646,28 @@ def test_trades_are_published() -> None:
     assert (trade.pair, trade.price, trade.qty, trade.recv_ns) == ("MATIC/USD", "0.5117", "40.0",
                                                                    sim.now)
     assert sim.s.table.state(SubKey("trade", "MATIC/USD")) is SubState.LIVE
+
+
+# Requests time out (2 s) before the liveness timers (3 s) close a silent connection.
+LIVENESS_2S = {"data_ingestor": {"max_heartbeat_interval_s": 3.0, "max_message_interval_s": 3.0,
+                                 "reconnect_delay_s": 0.1, "max_reconnect_delay_s": 0.5},
+               "ingest": {"snapshot_timeout_s": 2.0}}
+
+
+def test_unanswered_requests_on_a_silent_connection_are_not_critical_errors() -> None:
+    """Everything stalled: each short connection's requests go unanswered, but that is
+    the dead socket (the liveness timers reconnect), not a refused subscription; counting
+    them raised a halt trigger after a few reconnects."""
+    sim = Sim(["BTC/USD"], listed=False, **LIVENESS_2S).start(run=12.0)
+    assert sim.s.counters["heartbeat_timeouts"] + sim.s.counters["message_timeouts"] >= 3
+    assert sim.s.counters["ack_timeouts"] >= 1
+    assert sim.s.counters["critical_errors"] == 0
+    assert not sim.events(PotentialHaltTriggerEvent)
+
+
+def test_unanswered_requests_while_heartbeats_flow_are_critical_errors() -> None:
+    sim = Sim(["BTC/USD"], listed=False, **LIVENESS_2S)
+    sim.every(0.5, 12.0, b'{"channel":"heartbeat"}')
+    sim.start(run=12.0)
+    assert sim.s.counters["heartbeat_timeouts"] == 0 and sim.s.counters["ack_timeouts"] >= 1
+    assert sim.s.counters["critical_errors"] >= 1
