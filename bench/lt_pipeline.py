@@ -140,6 +140,19 @@ class Pipeline:
         endpoint = line.split("(control ", 1)[1].rstrip(")").strip()
         return child, endpoint
 
+    def _new_conn(self, seen: set) -> str:
+        """The first connection, not in `seen`, whose events reach the subscriber."""
+        deadline = time.monotonic() + 60
+        while True:
+            g = self.sub.get()
+            new = [k for k, v in g["per_conn"].items() if k not in seen and v[0] > 0]
+            if new:
+                return new[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no events from a new connection within 60 s "
+                                   f"(ingest log: {self.procs['ingest'].log_text()[-600:]})")
+            time.sleep(0.05)
+
     def step(self, label: str, rec: Recording, speed: float | None, seconds: float, *,
              nominal: float | None, warmup: float = 0.5, raw: bool = False,
              reader_s: float = 0.0, loop: bool = True, hook=None,  # noqa: ANN001
@@ -156,18 +169,7 @@ class Pipeline:
         res: dict = {"label": label, "scenario": self.name, "speed": spd,
                      "nominal_msgs_per_s": nominal, "seconds": seconds}
         try:
-            deadline = time.monotonic() + 60
-            conn = None
-            while conn is None:
-                g = sub.get()
-                new = [k for k, v in g["per_conn"].items() if k not in seen and v[0] > 0]
-                if new:
-                    conn = new[0]
-                elif time.monotonic() > deadline:
-                    raise TimeoutError(f"no events from a new connection within 60 s "
-                                       f"(ingest log: {self.procs['ingest'].log_text()[-600:]})")
-                else:
-                    time.sleep(0.05)
+            conn = self._new_conn(seen)
             time.sleep(warmup)
             procs = {"replay": replay, **self.procs}
             cpu0 = {r: p.cpu() for r, p in procs.items()}
@@ -268,17 +270,7 @@ class Pipeline:
                      "nominal_msgs_per_s": None, "seconds": 0.0, "frames_in_recording":
                      rec.book_msgs + len(rec.symbols)}
         try:
-            deadline = time.monotonic() + 60
-            conn = None
-            while conn is None:
-                g = sub.get()
-                new = [k for k, v in g["per_conn"].items() if k not in seen and v[0] > 0]
-                if new:
-                    conn = new[0]
-                elif time.monotonic() > deadline:
-                    raise TimeoutError("no events from a new connection within 60 s")
-                else:
-                    time.sleep(0.05)
+            conn = self._new_conn(seen)
             t_conn = time.monotonic()
             last, quiet_since = -1, time.monotonic()
             drain_deadline = time.monotonic() + drain_s
