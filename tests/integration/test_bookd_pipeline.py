@@ -257,8 +257,11 @@ def bookd_first(pl: Pipeline) -> None:
     for r in readers:
         check_snapshot(r)
     assert bookd.grep("reclaimed namespace")
-    assert any("bookd asks for fresh snapshots of BTC/USD, ETH/USD, SOL/USD (bookd started)"
-               in line for line in pl.ingest.lines[lines:])
+    # The books may be VALID before ingest logs this request: a resync ingest started
+    # for the killed bookd can deliver its PairInfos and snapshots to the new one first.
+    wait_for(lambda: any("bookd asks for fresh snapshots of BTC/USD, ETH/USD, SOL/USD "
+                         "(bookd started)" in line for line in pl.ingest.lines[lines:]),
+             10, "ingest taking the restarted bookd's request")
     wait_for(lambda: all(len(pl.l2(p, since=mark)) >= 3 for p in PAIRS), 20,
              "events of every pair after the restart")
     assert pl.ingest.poll() is None and pl.replay.proc.poll() is None
