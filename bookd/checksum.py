@@ -24,7 +24,11 @@ def level_chunk(price_ticks: int, qty_ticks: int) -> bytes:
 
 
 def checksum_chunks(ask_chunks: Sequence[bytes], bid_chunks: Sequence[bytes]) -> int:
-    """CRC32 of the first 10 cached chunks of each side (asks best first, then bids)."""
+    """CRC32 of the first 10 cached chunks of each side (asks best first, then bids).
+
+    Chained as crc32(bids text, crc32(asks text)): Book.apply keeps both parts between
+    messages and recomputes only the side a message touched.
+    """
     return crc32(b"".join(bid_chunks[:TOP]), crc32(b"".join(ask_chunks[:TOP])))
 
 

@@ -28,24 +28,36 @@ neither route does). Two routes:
 
   1. *Frame guard.* The frame is mapped with one `bytes.translate` (digits, `.`, `+`
      and `-` -> `1`, `e`/`E` -> `e`, anything else -> space). If it holds a run of 16
-     `1`s (a token of 16 or more digit/dot/sign characters) or an `e` followed by a `1`
-     (exponent notation: `1e5`, `1E-5`, `1e+5` all map to `1e1...`), the whole frame
-     takes the exact route. So on the fast path every number token T is plain decimal
-     with at most 15 significant digits. (Signs only lengthen runs: conservative.)
+     `1`s (16 or more digit/dot/sign characters in a row), the whole frame takes the
+     exact route. So on the fast path every number token T is M or M`e`E with a
+     mantissa M of at most 15 characters: a decimal of at most 15 significant digits.
+     (Signs only lengthen runs: conservative. An `e` ends a run, hence "mantissa".)
   2. *Token check.* With x = double(T) and s = 10**p (exact for p <= 22), take
      n = round(x*s) and accept only if 0 <= n < 10**15 and n / s == x (the division of
-     two exact doubles is correctly rounded, so n / s == double(n * 10**-p)). A signed
-     zero (`-0`, `-0.0`) passes as n = 0: its value is zero, not negative, and the
-     exact route agrees (msgspec even decodes the integer token `-0` as +0.0).
+     two exact doubles is correctly rounded, so n / s == double(n * 10**-p)), and, when
+     n == 0, only if the frame holds no exponent at all (no `e` followed by a `1` in
+     the mapped frame: `1e5`, `1E-5`, `1e+5` all map to `1e1...`). A signed zero (`-0`,
+     `-0.0`) passes as n = 0: its value is zero, not negative, and the exact route
+     agrees (msgspec even decodes the integer token `-0` as +0.0).
 
-  Why that is exact: n * 10**-p and T are both decimals of at most 15 significant
-  digits, and two such decimals map to the same double only if they are equal (every
+  Why that is exact: for n >= 1, n * 10**-p is a decimal of at most 15 significant
+  digits in the normal range of binary64 (>= 1e-22), and so is T (its double x equals
+  n / s); two such decimals map to the same double only if they are equal (every
   15-digit decimal round-trips through binary64). So acceptance means T == n * 10**-p
-  exactly. Conversely, when T == N * 10**-p with N < 10**15, x*s is within N * 2**-52
-  (< 0.25) of N, so n == N and the check passes. Underflow cannot fool it: without
-  exponents a token that small needs 300 leading zeros, which the run guard catches.
+  exactly. For n == 0, x == 0.0: a nonzero T can only underflow to 0.0 with an exponent
+  (without one it has at most 15 characters, so it is >= 1e-13), and an exponent
+  anywhere in the frame sends it to the exact route. A tiny nonzero x (subnormal
+  included) gives n == 0 and fails n / s == x. Conversely, when T == N * 10**-p with
+  N < 10**15, x*s is within N * 2**-52 (< 0.25) of N, so n == N and the check passes
+  (zeros only when the frame has no exponent: real frames never do).
   A failed check is not an error by itself: the frame is decoded again on the exact
-  route, which raises the precise error if there is one.
+  route, which raises the precise error if there is one. So is a frame msgspec cannot
+  decode with float fields (`1e400` is out of a double's range but 10**400 ticks on the
+  exact route), and x*s overflowing to inf (`1e300` at 8 decimals) is a failed check.
+
+  Cost (CPython 3.11, ~200-byte frames): the exponent search is as dear as the
+  translate and the run search together, so it runs only for a frame with a zero
+  value (a delete: ~25-35% of update frames).
 
 The property test in tests/unit/test_wire.py checks both routes against `Decimal`.
 """
@@ -73,8 +85,9 @@ class WireError(ValueError):
 # exact number handling
 
 _POW10 = [10**i for i in range(64)]
-_FPOW10 = [float(10**i) for i in range(23)]  # exact doubles up to 1e22
-_FAST_LIMIT = 10**15
+# precision -> 10.0**precision, the exact doubles (up to 1e22); a dict, so a precision
+# outside 0..22 is simply absent (and takes the exact route)
+_FSCALE = {i: float(10**i) for i in range(23)}
 # Tick counts are Python ints; beyond this many digits a token is refused (WireError)
 # rather than handed to int(), which raises ValueError past sys.int_info's 4300 digits
 # and would build gigantic ints from tokens like 1e999999999.
@@ -90,9 +103,13 @@ _RUN16 = b"1" * 16
 
 
 def _fast_path_allowed(frame: bytes) -> bool:
-    """True when every number token in `frame` is plain decimal with <= 15 digits."""
-    t = frame.translate(_GUARD_TABLE)
-    return b"e1" not in t and _RUN16 not in t
+    """The frame guard: no run of 16 digit/dot/sign characters, so every number token's
+    mantissa has at most 15 significant digits (module docstring).
+
+    `find` rather than `in`: on CPython 3.11 `bytes.__contains__` measured ~0.1 us slower
+    per search on a 200-byte frame.
+    """
+    return frame.translate(_GUARD_TABLE).find(_RUN16) < 0
 
 
 def token_ticks(token: bytes | str, precision: int) -> int:
@@ -205,17 +222,27 @@ _book_dec_f = msgspec.json.Decoder(_BookMsgF)
 _book_dec_r = msgspec.json.Decoder(_BookMsgR)
 
 
-def _levels_fast(levels: list, ps: float, qs: float) -> list[tuple[int, int]] | None:
+def _levels_fast(levels: list, ps: float, qs: float,
+                 mapped: bytes) -> list[tuple[int, int]] | None:
+    """Levels as ticks if every token passes the token check (module docstring), else None.
+
+    `mapped` is the frame after the guard's translate, searched for an exponent only when
+    a value is zero. A literal limit rather than a global: measured 5-10% of this loop.
+    """
     out = []
-    append = out.append
-    for lv in levels:
-        x = lv.price
-        y = lv.qty
-        p = round(x * ps)
-        q = round(y * qs)
-        if p / ps != x or q / qs != y or not (0 <= p < _FAST_LIMIT and 0 <= q < _FAST_LIMIT):
-            return None
-        append((p, q))
+    try:
+        for lv in levels:
+            x = lv.price
+            y = lv.qty
+            p = round(x * ps)
+            q = round(y * qs)
+            if p / ps != x or q / qs != y or not (0 <= p < 10**15 and 0 <= q < 10**15):
+                return None
+            if not (p and q) and mapped.find(b"e1") >= 0:  # 0.0 may be an underflow
+                return None
+            out.append((p, q))
+    except OverflowError:  # x * scale is inf, round() refuses: an exponent token
+        return None
     return out
 
 
@@ -238,27 +265,36 @@ def decode_book(frame: bytes, precisions: dict[str, tuple[int, int]]) -> list[Bo
     precision, a malformed frame, or a token that is not exactly representable at the
     precision raises WireError.
     """
-    if _fast_path_allowed(frame):
+    mapped = frame.translate(_GUARD_TABLE)
+    if mapped.find(_RUN16) < 0:  # _fast_path_allowed(frame), inlined (saves a call)
         try:
             msg = _book_dec_f.decode(frame)
-        except _DECODE_ERRORS as e:
-            raise WireError(f"malformed book frame: {e}") from None
-        snap = _type_flag(msg.type)
+        except _DECODE_ERRORS:  # malformed, or a number beyond a double (1e400)
+            return _decode_book_exact(frame, precisions)
+        typ = msg.type
+        snap = typ == "snapshot"
+        if not snap and typ != "update":
+            raise WireError(f"book frame with unknown type {typ!r}")
         out = []
         for d in msg.data:
+            symbol = d.symbol
             try:
-                pp, qp = precisions[d.symbol]
+                pp, qp = precisions[symbol]
             except KeyError:
-                raise WireError(f"no precision known for symbol {d.symbol!r}") from None
-            if not (0 <= pp <= 22 and 0 <= qp <= 22):
+                raise WireError(f"no precision known for symbol {symbol!r}") from None
+            try:
+                ps = _FSCALE[pp]
+                qs = _FSCALE[qp]
+            except KeyError:  # a precision beyond 22: 10**p is no exact double
                 break
-            ps = _FPOW10[pp]
-            qs = _FPOW10[qp]
-            bids = _levels_fast(d.bids, ps, qs)
-            asks = _levels_fast(d.asks, ps, qs)
-            if bids is None or asks is None:
+            # An update usually has one empty side: keep msgspec's (fresh) empty list.
+            bids = d.bids
+            if bids and (bids := _levels_fast(bids, ps, qs, mapped)) is None:
                 break
-            out.append(BookUpdate(d.symbol, snap, bids, asks, d.checksum, d.timestamp))
+            asks = d.asks
+            if asks and (asks := _levels_fast(asks, ps, qs, mapped)) is None:
+                break
+            out.append(BookUpdate(symbol, snap, bids, asks, d.checksum, d.timestamp))
         else:
             return out
     return _decode_book_exact(frame, precisions)

@@ -328,6 +328,20 @@ def test_one_sided_and_empty_books_are_fine():
     assert len(book) == 0 and book.best_bid() is None and book.best_ask() is None
 
 
+def test_the_cached_checksum_parts_follow_one_sided_updates_and_clear():
+    """Book.apply keeps the untouched side's part of the checksum (crc32 of the asks text,
+    the bids text); clear() and a snapshot must drop both."""
+    book = Book("X/Y", 10)
+    book.apply(True, [(99, 1), (98, 2)], [(101, 3), (102, 4)])
+    for bids, asks in (([(97, 5)], []), ([], [(103, 6)]), ([(99, 0)], []), ([], [(101, 0)]),
+                       ([(96, 7)], [(104, 8)])):
+        crc = book.apply(False, bids, asks)
+        assert crc == book.checksum() == checksum_levels(book.asks(), book.bids())
+    book.clear()
+    assert book.apply(False, [(5, 1)], []) == zlib.crc32(b"51")  # no stale asks part
+    assert book.apply(True, [], [(7, 2)]) == zlib.crc32(b"72")  # no stale bids part
+
+
 def test_book_rejects_a_depth_below_1():
     with pytest.raises(ValueError):
         Book("X/Y", 0)

@@ -8,6 +8,7 @@ exact route exactly when the fast path could be wrong (PROTOCOL.md 3.3).
 from __future__ import annotations
 
 import json
+import re
 from decimal import Context, Decimal, localcontext
 from unittest import mock
 
@@ -85,6 +86,15 @@ def outcome(fn, *args):
         return WireError
 
 
+def fast_expected(frame: bytes, ticks: list[int]) -> bool:
+    """The float fast path's domain (ingest/wire.py docstring), written independently:
+    the frame guard passes, every tick is below 10**15, and a zero value is accepted only
+    in a frame without exponent notation (0.0 may be an underflow, as in 1e-400)."""
+    has_exponent = re.search(rb"[eE][-+.0-9]", frame) is not None
+    return (wire._fast_path_allowed(frame) and max(ticks, default=0) < FAST_LIMIT
+            and not (0 in ticks and has_exponent))
+
+
 # --------------------------------------------------------------------------------------
 # the real vectors
 
@@ -153,7 +163,7 @@ def test_every_vector_book_frame_has_exact_ticks_on_both_routes():
         got, took_exact = decode_spied(vf.frame, vf.precisions)
         assert got == _exact_route(vf.frame, vf.precisions), where
         assert len(got) == len(obj["data"])
-        max_ticks = 0
+        ticks: list[int] = []
         for u, d in zip(got, obj["data"], strict=True):
             pp, qp = vf.precisions[d["symbol"]]
             ref = {side: [(dec_ticks(str(lv["price"]), pp), dec_ticks(str(lv["qty"]), qp))
@@ -163,10 +173,9 @@ def test_every_vector_book_frame_has_exact_ticks_on_both_routes():
             assert u.bids == ref["bids"] and u.asks == ref["asks"], where
             assert u.checksum == int(d["checksum"]), where
             assert u.timestamp == d.get("timestamp"), where
-            for p, q in u.bids + u.asks:
-                max_ticks = max(max_ticks, p, q)
+            ticks += [t for lv in u.bids + u.asks for t in lv]
         # the guard, both ways: the fast path is taken exactly when it is provably exact
-        expect_fast = wire._fast_path_allowed(vf.frame) and max_ticks < FAST_LIMIT
+        expect_fast = fast_expected(vf.frame, ticks)
         assert took_exact == (not expect_fast), where
         fast += expect_fast
     assert n == 543
@@ -287,8 +296,7 @@ def check_case(pp, qp, bids, asks, type_) -> bool:
         assert got == [(dec_ticks(p, pp), dec_ticks(q, qp)) for (p, _), (q, _) in levels]
     assert u.snapshot == (type_ == "snapshot")
     ticks = [t for (_, a), (_, b) in bids + asks for t in (a, b)]
-    expect_fast = wire._fast_path_allowed(frame) and max(ticks) < FAST_LIMIT
-    assert took_exact == (not expect_fast)
+    assert took_exact == (not fast_expected(frame, ticks))
     return took_exact
 
 
@@ -321,9 +329,41 @@ def test_long_tokens_take_the_exact_route(case):
 ])
 def test_exponent_tokens_are_exact_in_book_frames(token, p, ticks):
     frame = book_frame([("1", token)], [])
-    assert not wire._fast_path_allowed(frame)
     (u,), took_exact = decode_spied(frame, {SYM: (0, p)})
-    assert took_exact and u.bids == [(1, ticks)] == [(1, dec_ticks(token, p))]
+    assert u.bids == [(1, ticks)] == [(1, dec_ticks(token, p))]
+    # short mantissa, nonzero, < 10**15 ticks: the fast path keeps it (module docstring)
+    assert took_exact == (token not in ("1e-08", "5e-05", "1.5E2"))
+    assert took_exact == (not fast_expected(frame, [1, ticks]))
+
+
+@st.composite
+def exp_token_at(draw, p: int):
+    """(token, ticks) in exponent notation: mantissa M (sometimes with a dot or trailing
+    zeros), exponent E, value ticks * 10**-p; zeros too (0e5, 0.0E-400)."""
+    ticks = draw(st.one_of(st.just(0), st.integers(1, 10**18)))
+    if ticks == 0:
+        return f"0{draw(st.sampled_from(['', '.0']))}e{draw(st.integers(-400, 400))}", 0
+    a = draw(st.integers(0, 3))  # M = ticks * 10**a, so E = -(p + a)
+    m = str(ticks * 10**a)
+    b = draw(st.integers(0, len(m) - 1))  # digits after the dot: E grows by b
+    mant = f"{m[:-b]}.{m[-b:]}" if b else m
+    e = draw(st.sampled_from(["e", "E"]))
+    exp = b - p - a
+    return f"{mant}{e}{'+' if exp >= 0 and draw(st.booleans()) else ''}{exp}", ticks
+
+
+@PROPS
+@given(st.data())
+def test_exponent_tokens_on_both_routes(data):
+    """Exponent notation, zeros included, mixed with plain tokens: exact on both routes,
+    and on the fast path exactly when the module docstring says so. (The underflow trap,
+    1e-400 decoding to 0.0, is in test_more_decimals_than_the_precision_is_an_error.)"""
+    pp = data.draw(st.integers(0, 12))
+    qp = data.draw(st.integers(0, 12))
+    level = st.tuples(st.one_of(exp_token_at(pp), token_at(pp)),
+                      st.one_of(exp_token_at(qp), token_at(qp)))
+    bids = data.draw(st.lists(level, min_size=1, max_size=3))
+    check_case(pp, qp, bids, [], "update")
 
 
 @pytest.mark.parametrize("token,p,ticks", [("1.50", 1, 15), ("29431.0", 0, 29431),
