@@ -21,8 +21,11 @@ it: a `PairInfo` control message per pair, then every book frame with its header
     the socket writes of D in parallel) is not included.
 (b) As a process: `python -m bookd` with its own namespace; every frame is PUSHed at
     its `bookd` socket, and the MarketDataL2Events are counted at a PULL bound at
-    `bus.in`: msgs/s from the first send to the last event (bookd is the bottleneck:
-    the sender blocks on the queue's high-water mark).
+    `bus.in`: msgs/s from the first send to the last event (the sender blocks on the
+    queue's high-water mark). Twice: one ZMQ message per frame (bookd's high-water
+    mark is sized for batches, so this run also measures the two processes waking
+    each other up), and in BATCHes of 100 frames, as ingest forwards a busy socket
+    (bookd is the bottleneck: what the pipeline gets).
 (c) `BookReader.snapshot()` calls per second in another process, while bookd is idle
     and while it is being fed (the stream again, on new connection ids).
 
@@ -67,9 +70,11 @@ from ingest.messages import (  # noqa: E402
     HEADER_SIZE,
     PairInfo,
     inner_messages,
+    pack_batch,
     pack_control,
     pack_frame,
     unpack_header,
+    unpack_inner,
 )
 from ingest.wire import decode_book  # noqa: E402
 from replay.synthetic import SyntheticMarket  # noqa: E402
@@ -77,6 +82,7 @@ from replay.synthetic import SyntheticMarket  # noqa: E402
 PAIRS = ["BTC/USD", "ETH/USD", "SOL/USD", "XRP/USD"]
 DEPTH = 10
 RECV0 = 1_767_225_600 * 10**9
+BATCH = 100  # frames per BATCH message in the batched (b) runs (ingest: up to 128)
 
 
 # --------------------------------------------------------------------------- the stream
@@ -115,6 +121,9 @@ class Stream:
 class NullWriter:
     def publish(self, i, bid_prices, bid_qtys, ask_prices, ask_qtys, *, checksum,
                 exchange_ts_ns, recv_ns):
+        pass
+
+    def publish_book(self, i, book, changed, checksum, exchange_ts_ns, recv_ns):
         pass
 
     def set_state(self, i, state):
@@ -183,10 +192,11 @@ def bench_inprocess(stream: Stream, reps: int, tmp: str) -> dict:
         _, pair_index, conn_id, seq, recv_ns = unpack_header(m)
         msgs.append((pair_index, conn_id, seq, recv_ns, m[HEADER_SIZE:]))
     n = len(msgs)
+    batches = [pack_batch(packed[k:k + BATCH]) for k in range(0, n, BATCH)]
     t0 = thread_time_ns()
-    for m in packed:
-        unpack_header(m)
-        m[HEADER_SIZE:]
+    for b in batches:  # what the service loop does per received message
+        for _rec in unpack_inner(b):
+            pass
     header_us = (thread_time_ns() - t0) / 1e3 / n
 
     ns = "bkb" + secrets.token_hex(4)
@@ -353,8 +363,10 @@ def bench_process(stream: Stream, reader_s: float, tmp: str) -> dict:
         push.connect(ipc + "bookd")
         n_frames = len(stream.frames)
 
-        def feed(conn_id: int) -> tuple[float, float]:
+        def feed(conn_id: int, batch: int = 1) -> tuple[float, float]:
             msgs = stream.packed(conn_id)
+            if batch > 1:  # as ingest forwards a busy socket's frames
+                msgs = [pack_batch(msgs[k:k + batch]) for k in range(0, len(msgs), batch)]
             base = counter.n
             t0 = time.perf_counter()
             for m in msgs:
@@ -370,6 +382,7 @@ def bench_process(stream: Stream, reader_s: float, tmp: str) -> dict:
         rate, send_s = feed(2)
         result["bookd_msgs_per_s"] = rate
         result["sender_msgs_per_s"] = n_frames / send_s
+        result["bookd_msgs_per_s_batched"] = max(feed(3, BATCH)[0], feed(4, BATCH)[0])
         result["frames_per_pass"] = n_frames
 
         def reader(fed: bool) -> tuple[float, float, int, float | None]:
@@ -427,7 +440,7 @@ def print_table(a: dict, b: dict | None) -> None:
         print(f"  {name:<52} {a['best'][key]:8.3f} us {a['median'][key]:8.3f} us")
     print(f"  {'  of A: decode_book + Book.apply alone (no keeper)':<52} "
           f"{a['core_best_us']:8.3f} us {a['core_median_us']:8.3f} us")
-    print(f"  {'header unpack + slice (service loop, extra)':<52} "
+    print(f"  {f'unpack_inner, BATCHes of {BATCH} (service loop, extra)':<52} "
           f"{a['header_unpack_us']:8.3f} us")
     ev = a["events_and_mismatches"]
     print(f"  events/mismatches per config: {ev}; bus drops: {a['drops_bus']}")
@@ -437,6 +450,9 @@ def print_table(a: dict, b: dict | None) -> None:
     print(f"  {'bookd drain rate (events counted at bus.in)':<52} "
           f"{b['bookd_msgs_per_s']:10.0f} msgs/s  ({1e6 / b['bookd_msgs_per_s']:.1f} us/msg)")
     print(f"  {'bench sender rate (blocking PUSH)':<52} {b['sender_msgs_per_s']:10.0f} msgs/s")
+    print(f"  {f'bookd drain rate, frames sent in BATCHes of {BATCH}':<52} "
+          f"{b['bookd_msgs_per_s_batched']:10.0f} msgs/s  "
+          f"({1e6 / b['bookd_msgs_per_s_batched']:.1f} us/msg)")
     wr = b["bookd_msgs_per_s_with_reader"]
     if wr:
         print(f"  {'bookd drain rate while a reader spins':<52} {wr:10.0f} msgs/s")

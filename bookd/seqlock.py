@@ -62,6 +62,7 @@ from __future__ import annotations
 import operator
 import struct
 from collections.abc import Sequence
+from operator import neg
 
 from bookd.layout import (
     LAYOUT_VERSION,
@@ -91,6 +92,18 @@ from bookd.layout import (
 DEFAULT_TRIES = 1000
 _VALID = int(BookState.VALID)
 _MAX_STATE = max(BookState)
+
+BIDS = 1  # `changed` bits of BookPublisher.publish_book: which sides of the book differ
+ASKS = 2  # from the previous publish of that pair
+
+# The publish block (layout.pair_geometry(depth).publish) is this 40-byte head (state,
+# n_bids, n_asks, checksum, exchange ts, recv ns, updates), then 2*depth u64 of bids
+# (prices, qtys), then 2*depth u64 of asks: publish_book packs the head and only the
+# sides that changed, each with its own Struct, into the same scratch image.
+_HEAD = struct.Struct("<IIIIQQQ")
+_BIDS_AT = _HEAD.size  # offset of the bid side in the publish block
+if _BIDS_AT != PAIR_HEADER_SIZE - P_PUBLISH:
+    raise ImportError("bookd.seqlock: publish head does not match bookd.layout")
 
 
 def _bytes_view(buf: object) -> memoryview:
@@ -258,7 +271,8 @@ class PairWriter:
     """
 
     __slots__ = ("pair", "index", "depth", "generation", "updates", "mismatches", "resyncs",
-                 "mv", "lock", "scratch", "pack", "zeros", "u32", "u64")
+                 "mv", "lock", "scratch", "pack", "zeros", "u32", "u64", "pack_head",
+                 "pack_side", "ask_off", "image_ok")
 
     def __init__(self, buf: object, pair: str, index: int, depth: int, generation: int) -> None:
         geo = pair_geometry(depth)
@@ -277,6 +291,10 @@ class PairWriter:
         self.lock = SeqlockWriter(mv, P_SEQ, P_PUBLISH, geo.size)
         self.scratch = bytearray(geo.publish.size)
         self.pack = geo.publish.pack_into
+        self.pack_head = _HEAD.pack_into
+        self.pack_side = struct.Struct(f"<{2 * depth}Q").pack_into  # prices, then qtys
+        self.ask_off = _BIDS_AT + 16 * depth  # bids start right after the head
+        self.image_ok = False  # scratch holds the complete image of the last publish
         self.zeros = (0,) * depth
         self.u32 = mv.cast("I")
         self.u64 = mv.cast("Q")
@@ -387,6 +405,7 @@ class BookPublisher:
         d = self.depth
         updates = pw.updates + 1
         scratch = pw.scratch
+        pw.image_ok = False  # until the pack has succeeded
         try:
             if nb == d == na == len(bid_qtys) == len(ask_qtys):
                 pw.pack(scratch, 0, _VALID, nb, na, checksum, exchange_ts_ns, recv_ns,
@@ -400,7 +419,55 @@ class BookPublisher:
         except struct.error:
             raise pw.diagnose(bid_prices, bid_qtys, ask_prices, ask_qtys, checksum,
                               exchange_ts_ns, recv_ns) from None
-        # SeqlockWriter.write, inlined (one Python call less on the hot path):
+        pw.image_ok = True
+        self._commit(pw, updates)
+
+    def publish_book(self, i: int, book, changed: int, checksum: int, exchange_ts_ns: int,
+                     recv_ns: int) -> None:
+        """`publish()` for a `bookd.book.Book` (bids keyed by -price), the hot path.
+
+        `changed` (`BIDS | ASKS` bits) names the sides that may differ from the previous
+        publish of pair `i`; the others are taken from that publish's packed image, so
+        an update that touched one side packs 2*depth values instead of 4*depth (and
+        negates no bid keys when the bids did not change). After any failed publish,
+        or a `publish()` call, the next call packs both sides whatever `changed` says.
+        Errors as in `publish()`, and nothing is written.
+        """
+        if self._closed:
+            raise WriterClosed(f"the writer of {self.pairs[i]} is closed")
+        pw = self._writers[i]
+        bid_keys = book.bid_keys
+        ask_keys = book.ask_keys
+        nb = len(bid_keys)
+        na = len(ask_keys)
+        d = pw.depth
+        updates = pw.updates + 1
+        scratch = pw.scratch
+        if not pw.image_ok:
+            changed = BIDS | ASKS
+        pw.image_ok = False  # until every pack below has succeeded
+        try:
+            pw.pack_head(scratch, 0, _VALID, nb, na, checksum, exchange_ts_ns, recv_ns,
+                         updates)
+            if changed & BIDS:
+                if nb == d:  # a wrong qty count fails the pack: diagnose names it
+                    pw.pack_side(scratch, _BIDS_AT, *map(neg, bid_keys), *book.bid_qtys)
+                else:
+                    pw.check_counts(nb, 0, len(book.bid_qtys), 0)
+                    z = pw.zeros[nb:]
+                    pw.pack_side(scratch, _BIDS_AT, *map(neg, bid_keys), *z, *book.bid_qtys, *z)
+            if changed & ASKS:
+                if na == d:
+                    pw.pack_side(scratch, pw.ask_off, *ask_keys, *book.ask_qtys)
+                else:
+                    pw.check_counts(0, na, 0, len(book.ask_qtys))
+                    z = pw.zeros[na:]
+                    pw.pack_side(scratch, pw.ask_off, *ask_keys, *z, *book.ask_qtys, *z)
+        except struct.error:
+            raise pw.diagnose([-k for k in bid_keys], book.bid_qtys, ask_keys, book.ask_qtys,
+                              checksum, exchange_ts_ns, recv_ns) from None
+        pw.image_ok = True
+        # _commit, inlined (one Python call less on the hot path):
         lock = pw.lock
         seq = lock._seq + 1
         counter = lock._seq_mv
@@ -408,6 +475,19 @@ class BookPublisher:
         lock._dst[:] = scratch  # one memcpy of the whole publish block
         seq += 1
         counter[0] = seq        # even: consistent
+        lock._seq = seq
+        pw.updates = updates
+
+    @staticmethod
+    def _commit(pw: PairWriter, updates: int) -> None:
+        """Copy the packed image into the segment: SeqlockWriter.write, inlined."""
+        lock = pw.lock
+        seq = lock._seq + 1
+        counter = lock._seq_mv
+        counter[0] = seq           # odd: readers retry
+        lock._dst[:] = pw.scratch  # one memcpy of the whole publish block
+        seq += 1
+        counter[0] = seq           # even: consistent
         lock._seq = seq
         pw.updates = updates
 

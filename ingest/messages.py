@@ -23,7 +23,9 @@ BATCH payloads are `count` records `[u32 length][one complete message of another
 kind]`, in order: batching on the internal hops amortizes the per-message cost of ZMQ
 (a few us in Python) over many frames; a receiver handles each inner message exactly as
 if it had come alone. Senders batch only what they have at hand (ingest: the frames of
-one socket read; bookd: the events of one drain pass), so batching adds no waiting.
+one socket read; bookd: the events of one drain pass, sent in growing pieces, see
+bookd.service._Out), so batching adds no waiting. Receivers' hot loops use
+`unpack_inner` (every inner message's header fields and payload in one pass).
 
 Pure module: no sockets, no clock.
 """
@@ -45,6 +47,7 @@ EVENT = 3
 BATCH = 4
 KINDS = (FRAME, CONTROL, EVENT, BATCH)
 _LEN = struct.Struct("<I")
+_pack_len = _LEN.pack
 BATCH_LIMIT = 128  # messages per batch at most
 
 
@@ -116,10 +119,15 @@ def pack_control(msg: Control, conn_id: int = 0, pair_index: int = NO_PAIR) -> b
 
 def pack_event(topic: str, type_name: str, event_json: bytes, recv_ns: int = 0) -> bytes:
     """A bus event from a producer: the bus adds the envelope (epoch, seq, pub_ns)."""
+    return event_prefix(topic, type_name, recv_ns) + event_json
+
+
+def event_prefix(topic: str, type_name: str, recv_ns: int = 0) -> bytes:
+    """The bytes of `pack_event(topic, type_name, json, recv_ns)` before the JSON."""
     if " " in topic or " " in type_name:
         raise MessageError("topic and type must not contain spaces")
     return (_pack(EVENT, HEADER_VERSION, NO_PAIR, 0, 0, 0, recv_ns)
-            + topic.encode() + b" " + type_name.encode() + b" " + event_json)
+            + topic.encode() + b" " + type_name.encode() + b" ")
 
 
 def unpack_header(msg: bytes) -> tuple[int, int, int, int, int]:
@@ -135,8 +143,13 @@ def unpack_header(msg: bytes) -> tuple[int, int, int, int, int]:
 
 
 def decode_control(msg: bytes) -> Control:
+    return decode_control_payload(memoryview(msg)[HEADER_SIZE:])
+
+
+def decode_control_payload(payload: bytes | memoryview) -> Control:
+    """A CONTROL message's Struct from its payload (the bytes after the header)."""
     try:
-        return _control_dec.decode(memoryview(msg)[HEADER_SIZE:])
+        return _control_dec.decode(payload)
     except msgspec.DecodeError as e:
         raise MessageError(f"bad control message: {e}") from None
 
@@ -196,6 +209,60 @@ def inner_messages(msg: bytes) -> list[bytes] | tuple[bytes]:
     return unpack_batch(msg) if msg[:1] == _BATCH_KIND else (msg,)
 
 
+BAD = 0  # unpack_inner's kind for an inner message whose header is bad
+
+
+def unpack_inner(msg: bytes) -> list[tuple[int, int, int, int, int, bytes | str]]:
+    """`inner_messages` and `unpack_header` in one pass, for receivers' hot loops.
+
+    One `(kind, pair_index, conn_id, seq, recv_ns, payload)` per inner message, in
+    order, `payload` being the bytes after its header (sliced once, straight from the
+    batch). An inner message with a bad header comes as `(BAD, 0, 0, 0, 0, reason)`:
+    the receiver counts and skips it, as `unpack_header` raising MessageError would
+    have it do. A malformed batch raises MessageError (nothing of it is returned).
+    """
+    if msg[:1] != _BATCH_KIND:
+        return [_record(msg, 0, len(msg))]
+    if len(msg) < HEADER_SIZE:
+        raise MessageError("not a batch message")
+    count = _unpack_from(msg)[3]
+    out = []
+    off = HEADER_SIZE
+    end = len(msg)
+    unpack_len = _LEN.unpack_from
+    unpack = _unpack_from
+    for _ in range(count):
+        if off + 4 > end:
+            raise MessageError(f"batch cut short after {len(out)} of {count} messages")
+        (n,) = unpack_len(msg, off)
+        start = off + 4
+        off = start + n
+        if off > end:
+            raise MessageError(f"batch cut short after {len(out)} of {count} messages")
+        if n >= HEADER_SIZE:  # _record, inlined for good messages
+            kind, version, pair_index, _, conn_id, seq, recv_ns = unpack(msg, start)
+            if version == HEADER_VERSION and kind in KINDS:
+                out.append((kind, pair_index, conn_id, seq, recv_ns,
+                            msg[start + HEADER_SIZE:off]))
+                continue
+        out.append(_record(msg, start, off))
+    if off != end:
+        raise MessageError(f"{end - off} stray bytes after {count} batched messages")
+    return out
+
+
+def _record(msg: bytes, start: int, end: int) -> tuple[int, int, int, int, int, bytes | str]:
+    """unpack_inner's tuple for the message at msg[start:end]."""
+    if end - start < HEADER_SIZE:
+        return BAD, 0, 0, 0, 0, f"message of {end - start} bytes is shorter than the header"
+    kind, version, pair_index, _, conn_id, seq, recv_ns = _unpack_from(msg, start)
+    if version != HEADER_VERSION:
+        return BAD, 0, 0, 0, 0, f"header version {version}, expected {HEADER_VERSION}"
+    if kind not in KINDS:
+        return BAD, 0, 0, 0, 0, f"unknown message kind {kind}"
+    return kind, pair_index, conn_id, seq, recv_ns, msg[start + HEADER_SIZE:end]
+
+
 class Batcher:
     """Collects outgoing messages for one PUSH socket; `flush()` sends them as one.
 
@@ -222,3 +289,49 @@ class Batcher:
             return None
         self.pending = []
         return p[0] if len(p) == 1 else pack_batch(p)
+
+
+class EventBatch:
+    """A producer's bus events, framed as BATCH records as they are added.
+
+    `add(topic, type_name, event_json)` then `take()` gives what `Batcher` gives for
+    `pack_event(topic, type_name, event_json)` messages (a lone event goes as itself),
+    without building each event message first: the header + topic + type prefix of
+    each (topic, type) is made once and cached, and every event's bytes are copied
+    once, by the final join (bookd: ~1.1 -> ~0.5 us per event).
+    """
+
+    __slots__ = ("parts", "count", "limit", "_prefixes")
+
+    def __init__(self, limit: int = BATCH_LIMIT) -> None:
+        self.parts: list[bytes] = [b""]  # [batch header] + [length, prefix, json] per event
+        self.count = 0
+        self.limit = limit
+        self._prefixes: dict[tuple[str, str], bytes] = {}
+
+    def add(self, topic: str, type_name: str, event_json: bytes) -> bool:
+        """Queue one event; True when the batch is full and should be flushed now."""
+        prefix = self._prefixes.get((topic, type_name))
+        if prefix is None:
+            if len(self._prefixes) >= 4096:  # topics are per pair: bounded in practice
+                self._prefixes.clear()
+            prefix = self._prefixes[topic, type_name] = event_prefix(topic, type_name)
+        parts = self.parts
+        parts.append(_pack_len(len(prefix) + len(event_json)))
+        parts.append(prefix)
+        parts.append(event_json)
+        self.count = n = self.count + 1
+        return n >= self.limit
+
+    def take(self) -> bytes | None:
+        """The pending events as one ZMQ message (a lone event goes as itself)."""
+        n = self.count
+        if not n:
+            return None
+        parts = self.parts
+        self.parts = [b""]
+        self.count = 0
+        if n == 1:
+            return parts[2] + parts[3]
+        parts[0] = _pack(BATCH, HEADER_VERSION, NO_PAIR, n, 0, 0, 0)
+        return b"".join(parts)

@@ -105,6 +105,26 @@ class RecordingWriter(BookPublisher):
         super().publish(i, bid_prices, bid_qtys, ask_prices, ask_qtys, checksum=checksum,
                         exchange_ts_ns=exchange_ts_ns, recv_ns=recv_ns)
 
+    def publish_book(self, i, book, changed, checksum, exchange_ts_ns, recv_ns):
+        self.calls.append(("publish", i, book.bids(), book.asks(), checksum, exchange_ts_ns,
+                           recv_ns))
+        super().publish_book(i, book, changed, checksum, exchange_ts_ns, recv_ns)
+        # publish_book repacks only the `changed` sides: the segment must hold the whole
+        # book all the same, after any sequence of mismatches, resyncs and halts
+        assert self.segment(i) == (book.bids(), book.asks(), checksum, exchange_ts_ns,
+                                   recv_ns)
+
+    def segment(self, i: int) -> tuple:
+        """(bids, asks, checksum, exchange_ts_ns, recv_ns) as pair i's segment holds them."""
+        d = self.depth
+        state, nb, na, crc, ts, recv, _, *v = pair_geometry(d).publish.unpack_from(
+            self.bufs[i], P_STATE)
+        assert state == BookState.VALID
+        assert not any(v[nb:d] + v[d + nb:2 * d] + v[2 * d + na:3 * d] + v[3 * d + na:])
+        bids = list(zip(v[:nb], v[d:d + nb], strict=True))
+        asks = list(zip(v[2 * d:2 * d + na], v[3 * d:3 * d + na], strict=True))
+        return bids, asks, crc, ts, recv
+
     def set_state(self, i, state):
         self.calls.append(("set_state", i, BookState(state)))
         super().set_state(i, state)

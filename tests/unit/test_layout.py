@@ -11,8 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bookd import layout as L
+from bookd.book import Book
 from bookd.layout import BookState, LayoutError, SeqlockBusy, ValueOutOfRange, WriterClosed
-from bookd.seqlock import BookPublisher, PairWriter, SeqlockReader, SeqlockWriter
+from bookd.seqlock import (
+    ASKS,
+    BIDS,
+    BookPublisher,
+    PairWriter,
+    SeqlockReader,
+    SeqlockWriter,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPTHS = (1, 10, 25, 100, 1000)
@@ -264,6 +272,65 @@ def test_full_depth_out_of_range_and_bad_shapes_write_nothing() -> None:
     with pytest.raises(TypeError):
         pub.publish(0, [1.5], [1], [], [], checksum=1, exchange_ts_ns=1, recv_ns=1)
     assert bytes(buf) == before
+
+
+_LEVELS = st.lists(st.tuples(st.integers(1, 60), st.integers(0, 3)), max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), _LEVELS, _LEVELS, st.integers(0, 2**32 - 1),
+                          st.sampled_from([0, 1, 2**64 - 1, 2**64])), min_size=1,
+                max_size=25),
+       st.sampled_from([1, 3, 10]))
+def test_publish_book_packs_changed_sides_into_the_same_image_as_publish(
+        steps: list, depth: int) -> None:
+    """publish_book(changed=...) repacks only the sides named, yet after any sequence
+    (one-sided updates, out-of-range values that fail, both sides) the segment holds
+    exactly what publish() of the whole book writes."""
+    bufs = [bytearray(L.pair_segment_size(depth)) for _ in range(2)]
+    fast, ref = (BookPublisher([b], ["X/Y"], depth, generation=1) for b in bufs)
+    book = Book("X/Y", depth)
+    for snapshot, bids, asks, crc, big in steps:
+        bids = [(60 - p, q) for p, q in bids]  # bids below 60, asks from 61 up
+        asks = [(60 + p, q) for p, q in asks]
+        if big != 1 and asks:  # sometimes a value beyond uint64 (the publish fails)
+            asks[0] = (asks[0][0], big or 1)
+        book.apply(snapshot, bids, asks)
+        changed = BIDS | ASKS if snapshot else (BIDS if bids else 0) | (ASKS if asks else 0)
+        results = []
+        for k, buf in enumerate(bufs):
+            before = bytes(buf)
+            try:
+                if k == 0:
+                    fast.publish_book(0, book, changed, crc, 5, 6)
+                else:
+                    ref.publish(0, book.bid_prices(), book.bid_qtys, book.ask_keys,
+                                book.ask_qtys, checksum=crc, exchange_ts_ns=5, recv_ns=6)
+                results.append(None)
+            except ValueOutOfRange as e:
+                assert bytes(buf) == before  # nothing written
+                results.append(e.field)
+        assert results[0] == results[1]
+        assert bufs[0] == bufs[1]
+
+
+def test_publish_book_repacks_everything_after_a_failed_publish() -> None:
+    """A failed pack may have scribbled on the scratch image: the next publish_book
+    packs both sides, whatever `changed` says."""
+    bufs = [bytearray(L.pair_segment_size(10)) for _ in range(2)]
+    fast, ref = (BookPublisher([b], ["X/Y"], 10, generation=1) for b in bufs)
+    book = Book("X/Y", 10)
+    book.apply(True, [(50, 1), (49, 2)], [(51, 1), (52, 2)])
+    fast.publish_book(0, book, BIDS | ASKS, 1, 2, 3)
+    ref.publish_book(0, book, BIDS | ASKS, 1, 2, 3)  # (the same update counter)
+    book.apply(False, [(48, 2**64)], [])
+    with pytest.raises(ValueOutOfRange):
+        fast.publish_book(0, book, BIDS, 1, 2, 3)  # bids partly packed, then refused
+    book.apply(False, [(48, 0)], [(53, 1)])  # the bids are back as they were published
+    fast.publish_book(0, book, ASKS, 1, 2, 3)
+    ref.publish(0, book.bid_prices(), book.bid_qtys, book.ask_keys, book.ask_qtys,
+                checksum=1, exchange_ts_ns=2, recv_ns=3)
+    assert bufs[0][L.P_PUBLISH:] == bufs[1][L.P_PUBLISH:]
 
 
 def test_state_precision_and_closed_checks() -> None:

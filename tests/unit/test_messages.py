@@ -20,11 +20,13 @@ from ingest.messages import (
     NO_PAIR,
     Batcher,
     ConnectionState,
+    EventBatch,
     MessageError,
     PairInfo,
     ResyncRequest,
     Stale,
     decode_control,
+    decode_control_payload,
     inner_messages,
     pack_batch,
     pack_control,
@@ -33,6 +35,7 @@ from ingest.messages import (
     split_event,
     unpack_batch,
     unpack_header,
+    unpack_inner,
 )
 from tests import vectors
 
@@ -202,3 +205,67 @@ def test_inner_messages_unwraps_a_batch_and_passes_a_lone_message_through():
     assert list(inner_messages(pack_batch([one, two]))) == [one, two]
     with pytest.raises(MessageError):
         inner_messages(pack_batch([one, two])[:-1])
+
+
+EVENTS = st.lists(st.tuples(st.sampled_from(["book.BTC/USD", "book.ETH/USD", "system"]),
+                            st.sampled_from(["MarketDataL2Event", "SystemStateEvent"]),
+                            st.binary(max_size=60)), max_size=12)
+
+
+@PROPS
+@given(EVENTS, st.integers(1, 5))
+def test_event_batch_sends_what_batcher_sends_for_packed_events(events, limit):
+    ref, fast = Batcher(limit), EventBatch(limit)
+    sent_ref, sent_fast = [], []
+    for topic, type_name, body in events:
+        if ref.add(pack_event(topic, type_name, body)):
+            sent_ref.append(ref.take())
+        if fast.add(topic, type_name, body):
+            sent_fast.append(fast.take())
+    sent_ref.append(ref.take())
+    sent_fast.append(fast.take())
+    assert sent_fast == sent_ref
+    assert fast.count == 0 and fast.take() is None
+    with pytest.raises(MessageError):
+        fast.add("a topic", "T", b"{}")
+
+
+def _slow_inner(msg: bytes) -> list[tuple]:
+    """What inner_messages + unpack_header give, in unpack_inner's shape."""
+    out = []
+    for sub in inner_messages(msg):
+        try:
+            out.append((*unpack_header(sub), sub[HEADER_SIZE:]))
+        except MessageError as e:
+            out.append((m.BAD, 0, 0, 0, 0, str(e)))
+    return out
+
+
+def test_unpack_inner_is_inner_messages_plus_unpack_header():
+    frame = pack_frame(b'{"channel":"book"}', 7, 1, 3, 99)
+    ctl = pack_control(CONTROLS[0], 7, 0)
+    event = pack_event("t", "T", b"{}")
+    bad_version = bytes([FRAME, 9]) + frame[2:]
+    bad_kind = bytes([77]) + frame[1:]
+    nested = pack_batch([frame])
+    cases = [frame, ctl, event, b"", b"\x01short", bad_version, bad_kind,
+             pack_batch([frame, ctl, b"tiny", bad_version, event, bad_kind, nested, frame]),
+             pack_batch([]), pack_batch([b""])]
+    for msg in cases:
+        assert unpack_inner(msg) == _slow_inner(msg), msg
+    recs = unpack_inner(pack_batch([frame, ctl]))
+    assert recs[0] == (FRAME, 1, 7, 3, 99, b'{"channel":"book"}')
+    assert decode_control_payload(recs[1][5]) == CONTROLS[0]
+    for bad in (pack_batch([frame])[:-1], pack_batch([frame]) + b"x", bytes([BATCH]) * 10):
+        with pytest.raises(MessageError):
+            inner_messages(bad)
+        with pytest.raises(MessageError):
+            unpack_inner(bad)
+
+
+@PROPS
+@given(st.lists(st.binary(max_size=50), max_size=6))
+def test_unpack_inner_on_arbitrary_batches(payloads):
+    msg = pack_batch([pack_frame(b, 1, 2, 3, 4) if k % 2 else b
+                      for k, b in enumerate(payloads)])
+    assert unpack_inner(msg) == _slow_inner(msg)
