@@ -33,6 +33,14 @@ from bus.schema import (
     topic_for,
 )
 from bus.service import BusCore, to_msgpack
+from ingest.messages import (
+    HEADER_SIZE,
+    ResyncRequest,
+    pack_batch,
+    pack_control,
+    pack_event,
+    unpack_inner,
+)
 
 EPOCH = 1_786_923_423_403_052_000
 BIG_EPOCH = 2**64 - 1  # the envelope's epoch is a u64: the largest must survive
@@ -113,6 +121,46 @@ def test_seq_counts_per_topic_from_one():
                     "system": [1, 2], "book.MEME/USD": [1, 2]}
     assert {t.decode(): v.seq for t, v in core.topics.items()} == {
         k: len(v) for k, v in seqs.items()}
+
+
+def test_stamp_batch_is_stamp_for_each_event_of_a_producer_batch():
+    """The bus's hot path (a producer's BATCH, stamped in one loop) gives the same bytes,
+    seqs and cache as `stamp` one event at a time, and counts what it received."""
+    order = [L2, TRADE, L2, L2, SYSTEM, TRADE, L2_EXACT, L2, SYSTEM, L2_EXACT] + EVENTS
+    msgs = [pack_event(topic_for(e), type(e).__name__, _enc.encode(e)) for e in order]
+    one, batched = BusCore(epoch=EPOCH), BusCore(epoch=EPOCH)
+    expected = [stamp(one, e, PUB_NS + i) for i, e in enumerate(order)]
+    clock = iter(range(PUB_NS, PUB_NS + len(order))).__next__
+    got = batched.stamp_batch(unpack_inner(pack_batch(msgs)), clock)
+    assert got == expected
+    assert batched.cache_reply(b"") == one.cache_reply(b"")
+    assert batched.counters["received"] == len(order)
+    assert batched.counters["bad_messages"] == 0
+    # A lone (unbatched) event goes the same way.
+    assert batched.stamp_batch(unpack_inner(msgs[0]), lambda: PUB_NS) == [
+        stamp(one, order[0])]
+
+
+def test_stamp_batch_counts_and_skips_bad_records():
+    good = pack_event("system", "SystemStateEvent", _enc.encode(SYSTEM))
+    header = good[:HEADER_SIZE]
+    bad = [
+        header,                                                  # no payload at all
+        header + b"system",                                      # no type
+        header + b" SystemStateEvent {}",                        # empty topic
+        header + b'book."x SystemStateEvent {}',                 # a quote in the topic
+        header + b"book.A\\B SystemStateEvent {}",             # a backslash in the topic
+        pack_control(ResyncRequest(pairs=("BTC/USD",), reason="x")),  # not an EVENT
+        b"\x03\x07" + good[2:],                                 # unknown header version
+        b"\x03",                                                 # shorter than a header
+    ]
+    core = BusCore(epoch=EPOCH)
+    got = core.stamp_batch(unpack_inner(pack_batch([bad[0], good, *bad[1:], good])),
+                           lambda: PUB_NS)
+    assert [decode_envelope_json(split_frame(m)[1])[0].seq for m in got] == [1, 2]
+    assert core.counters["received"] == len(bad) + 2
+    assert core.counters["bad_messages"] == len(bad)
+    assert list(core.topics) == [b"system"]
 
 
 @pytest.mark.parametrize("epoch", [0, 1, EPOCH, BIG_EPOCH])
