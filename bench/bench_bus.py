@@ -1,14 +1,16 @@
 """Bus throughput: L2 events in, envelopes out to 1 and to 10 subscribers.
 
     .venv/bin/python bench/bench_bus.py [--messages 100000] [--subscribers 1 10]
-                                        [--depth 10] [--pairs 4] [--sndhwm 100000] [--json]
+                                        [--depth 10] [--pairs 4] [--sndhwm 100000]
+                                        [--batch 10] [--json]
 
 For each subscriber count: starts `python -m bus` in a subprocess (its own namespace,
 temp run dir and free ports), starts the subscribers as separate processes (SUB on the
 JSON PUB over loopback TCP, subscribed to `book.`; each decodes topic, epoch, seq and
 pub_ns of every envelope, counts messages and `seq` gaps per topic), waits until every
 subscription is in effect, then a producer PUSHes `--messages` realistic L2 events
-(depth `--depth` JSON, as bookd sends them) to `bus.in` as fast as the bus takes them.
+(depth `--depth` JSON, as bookd sends them: `--batch` events per BATCH message, 1 for
+lone events) to `bus.in` as fast as the bus takes them.
 
 Reported per run:
 * producer msgs/s: how fast the bus accepted events (its PULL queue paces the producer);
@@ -16,7 +18,8 @@ Reported per run:
 * delivered msgs/s per subscriber (its first to last receive) and in total (all
   messages delivered / wall time from the first push to the last receive);
 * loss: events a subscriber never got (`seq` gaps, plus any missing at the end);
-* bus-to-subscriber latency p50/p99 (receive time minus `pub_ns`: queueing included).
+* bus-to-subscriber latency p50/p99 (receive time minus `pub_ns`: queueing included);
+* the bus process's CPU (all threads) per event, first push to the last receive.
 
 Figures only, no pass/fail (CONVENTIONS.md); the machines are shared and noisy.
 `--json` prints one JSON object as the last line.
@@ -45,11 +48,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
-from lt_procs import free_ports  # noqa: E402
+from lt_procs import cpu_s, free_ports  # noqa: E402
 
 from bus.schema import MarketDataL2Event, ns_to_rfc3339  # noqa: E402
 from ingest.config import load_config  # noqa: E402
-from ingest.messages import pack_event  # noqa: E402
+from ingest.messages import pack_batch, pack_event  # noqa: E402
 
 PAIRS = ("BTC/USD", "ETH/USD", "SOL/USD", "XRP/USD", "ADA/USD", "DOT/USD", "LTC/USD",
          "AVAX/USD")
@@ -158,7 +161,7 @@ def subscriber_main(endpoint: str, idx: int, ready: mp.Queue, results: mp.Queue)
 
 
 def run_once(n_subs: int, messages: int, depth: int, pairs: int, sndhwm: int,
-             workdir: Path) -> dict:
+             workdir: Path, batch: int = 1) -> dict:
     cfg_path = _write_config(workdir, sndhwm)
     cfg = load_config(cfg_path)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -196,14 +199,20 @@ def run_once(n_subs: int, messages: int, depth: int, pairs: int, sndhwm: int,
                     got_ready.add(ready.get(timeout=0.02))
             except Exception:  # queue.Empty
                 pass
+        cpu0 = cpu_s(bus.pid) or 0.0
         t0 = time.perf_counter()
         t0_ns = time.time_ns()
         n_ev = len(events)
         send = push.send
-        for i in range(messages):
-            send(events[i % n_ev])
+        if batch <= 1:
+            for i in range(messages):
+                send(events[i % n_ev])
+        else:
+            for i in range(0, messages, batch):
+                send(pack_batch([events[k % n_ev] for k in range(i, min(i + batch, messages))]))
         push_s = time.perf_counter() - t0
         outs = [results.get(timeout=120 + messages / 5000) for _ in subs]
+        bus_cpu = (cpu_s(bus.pid) or 0.0) - cpu0  # includes the subscribers' idle wait
     finally:
         for p in subs:
             p.join(5)
@@ -234,6 +243,7 @@ def run_once(n_subs: int, messages: int, depth: int, pairs: int, sndhwm: int,
     size = len(events[0]) - 32  # minus the internal header: the event JSON plus names
     return {
         "subscribers": n_subs, "messages": messages, "depth": depth, "pairs": pairs,
+        "batch": batch,
         "sndhwm": sndhwm, "event_bytes": size,
         "producer_msgs_per_s": messages / push_s if push_s else 0.0,
         "bus_publish_msgs_per_s": messages / pub_span if pub_span else 0.0,
@@ -246,6 +256,7 @@ def run_once(n_subs: int, messages: int, depth: int, pairs: int, sndhwm: int,
         "lost_in_gaps_total": sum(r["lost_in_gaps"] for r in outs),
         "lost_at_start_total": sum(r["lost_at_start"] for r in outs),
         "lost_at_end_total": sum(r["lost_at_end"] for r in outs),
+        "bus_cpu_us_per_msg": bus_cpu * 1e6 / messages,
         "latency_p50_ms_median": statistics.median(r["lat_p50_ms"] or 0 for r in outs),
         "latency_p99_ms_max": max(r["lat_p99_ms"] or 0 for r in outs),
     }
@@ -254,7 +265,7 @@ def run_once(n_subs: int, messages: int, depth: int, pairs: int, sndhwm: int,
 def table(runs: list[dict]) -> str:
     head = (f"{'subs':>4}  {'producer/s':>10}  {'bus pub/s':>10}  "
             f"{'per-sub delivered/s min/med/max':>32}  {'total/s':>10}  {'lost':>8}  "
-            f"{'start/gaps/end':>14}  {'lat p50/p99 ms':>15}")
+            f"{'start/gaps/end':>14}  {'lat p50/p99 ms':>15}  {'bus us/msg':>10}")
     lines = [head, "-" * len(head)]
     for r in runs:
         ps = r["per_subscriber_msgs_per_s"]
@@ -266,7 +277,8 @@ def table(runs: list[dict]) -> str:
             f"{ps['min']:>10,.0f} /{ps['median']:>9,.0f} /{ps['max']:>9,.0f}  "
             f"{r['total_delivered_msgs_per_s']:>10,.0f}  {r['lost_total']:>8,}  "
             f"{where:>14}  "
-            f"{r['latency_p50_ms_median']:>6.1f} / {r['latency_p99_ms_max']:>6.1f}")
+            f"{r['latency_p50_ms_median']:>6.1f} / {r['latency_p99_ms_max']:>6.1f}  "
+            f"{r['bus_cpu_us_per_msg']:>10.2f}")
     return "\n".join(lines)
 
 
@@ -278,17 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=4, choices=range(1, len(PAIRS) + 1))
     ap.add_argument("--sndhwm", type=int, default=100_000,
                     help="[bus] sndhwm, each subscriber's queue in the bus (default 100000)")
+    ap.add_argument("--batch", type=int, default=10,
+                    help="events per producer message, as bookd batches them (default 10)")
     ap.add_argument("--json", action="store_true", help="print a JSON object last")
     args = ap.parse_args(argv)
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
                "platform": platform.platform(), "libzmq": zmq.zmq_version(),
                "pyzmq": zmq.__version__}
     with tempfile.TemporaryDirectory(prefix="kfbench") as tmp:
-        runs = [run_once(n, args.messages, args.depth, args.pairs, args.sndhwm, Path(tmp))
-                for n in args.subscribers]
+        runs = [run_once(n, args.messages, args.depth, args.pairs, args.sndhwm, Path(tmp),
+                         args.batch) for n in args.subscribers]
     r0 = runs[0]
     print(f"bus throughput: {args.messages:,} L2 events (depth {args.depth}, "
-          f"~{r0['event_bytes']} B JSON each) over {args.pairs} pairs, sndhwm "
+          f"~{r0['event_bytes']} B JSON each) in batches of {args.batch} over "
+          f"{args.pairs} pairs, sndhwm "
           f"{args.sndhwm:,}; {machine['cpus']} CPUs, Python {machine['python']}, "
           f"libzmq {machine['libzmq']}")
     print(table(runs))

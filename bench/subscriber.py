@@ -22,6 +22,12 @@ SNDHWM) and for every book message:
 `stats` events (StatsEvent of ingest, bookd, bus) are kept by process, so the
 orchestrator sees bookd's own mismatches, gaps and resyncs and ingest's drops.
 
+Cost: the subscriber shares the 2 cores with the pipeline it measures, so its loop is
+lean. It blocks in `recv()` (RCVTIMEO) instead of polling: a pyzmq poll plus the
+`zmq.Again` that ends every non-blocking drain cost ~6-10 us per wake-up, which at 10-20 k
+msg/s was more than the per-message work. The control socket is looked at between
+drains, every `CONTROL_EVERY_NS` (5 ms) at most, and whenever the feed is idle.
+
 Control: a ZMQ PAIR bound at `--control`; requests and replies are JSON objects:
 `{"cmd": "get"}` (counters), `{"cmd": "window", "on": true, "conn": ID}` (start
 collecting latencies of that ingest connection's events, or of all without "conn"),
@@ -76,6 +82,9 @@ class _Stats(msgspec.Struct):
     event: _StatsEvent
 
 
+CONTROL_EVERY_NS = 5_000_000  # look at the control socket at least this often
+RCVTIMEO_MS = 5               # ... and whenever the feed has been idle this long
+
 _light = msgspec.json.Decoder(_Light).decode
 _full = msgspec.json.Decoder(_Full).decode
 _stats = msgspec.json.Decoder(_Stats).decode
@@ -106,100 +115,81 @@ def _percentiles(lat: array) -> dict:
             "hist_log10_us": {"counts": hist.tolist(), "edges": edges.tolist()}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--endpoint", required=True)
-    ap.add_argument("--control", required=True)
-    ap.add_argument("--check-every", type=int, default=10)
-    args = ap.parse_args(argv)
+class Tally:
+    """Everything the subscriber counts; `drain` is the per-message hot loop."""
 
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.RCVHWM, 100_000)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"book.")
-    sub.setsockopt(zmq.SUBSCRIBE, b"stats ")
-    sub.connect(args.endpoint)
-    ctl = ctx.socket(zmq.PAIR)
-    ctl.setsockopt(zmq.LINGER, 0)
-    ctl.bind(args.control)
-    poller = zmq.Poller()
-    poller.register(sub, zmq.POLLIN)
-    poller.register(ctl, zmq.POLLIN)
+    def __init__(self, check_every: int) -> None:
+        self.check_every = max(1, check_every)
+        self.total = self.snapshots = self.checked = self.mismatches = 0
+        self.seq_gaps = 0      # missing messages implied by seq jumps
+        self.seq_jumps = 0     # how many jumps
+        self.bad = 0
+        self.per_conn: dict[int, list] = {}   # conn_id -> [count, first_sub_ns, last_sub_ns]
+        self.cur_conn = -1
+        self.pc: list = []
+        self.cur_bucket = self.cur_count = 0
+        self.last_seq: dict[bytes, tuple[int, int]] = {}   # topic -> (epoch, seq)
+        self.stats: dict[str, dict] = {}
+        self.buckets: dict[int, int] = {}     # 100 ms bucket (unix ns // 1e8) -> events
+        self.window = False
+        self.win_conn: int | None = None     # count only this ingest connection's events
+        self.lat = array("q")
+        self.win_count = 0
+        self.win_first = self.win_last = 0
 
-    check_every = max(1, args.check_every)
-    total = 0
-    snapshots = 0
-    checked = 0
-    mismatches = 0
-    seq_gaps = 0          # missing messages implied by seq jumps
-    seq_jumps = 0         # how many jumps
-    bad = 0
-    per_conn: dict[int, list] = {}   # conn_id -> [count, first_sub_ns, last_sub_ns]
-    cur_conn = -1
-    pc: list = []
-    cur_bucket = cur_count = 0
-    last_seq: dict[bytes, tuple[int, int]] = {}   # topic -> (epoch, seq)
-    stats: dict[str, dict] = {}
-    buckets: dict[int, int] = {}     # 100 ms bucket (unix ns // 1e8) -> events
-    window = False
-    win_conn: int | None = None     # count only this ingest connection's events
-    lat = array("q")
-    win_count = 0
-    win_first = win_last = 0
-    recv = sub.recv
-    clock = time.time_ns
-    again = zmq.Again
-    NOBLOCK = zmq.NOBLOCK
-    running = True
-    while running:
-        events = dict(poller.poll(100))
-        if sub in events:
-            for _ in range(2000):
-                try:
-                    msg = recv(NOBLOCK)
-                except again:
-                    break
+    def drain(self, recv, clock, budget_ns: int) -> None:
+        """Receive and count messages for up to `budget_ns`, or until `recv` raises
+        zmq.Again (its timeout: the feed is idle). State lives in locals meanwhile."""
+        total, snapshots, checked = self.total, self.snapshots, self.checked
+        mismatches, seq_gaps, seq_jumps, bad = (self.mismatches, self.seq_gaps,
+                                                self.seq_jumps, self.bad)
+        per_conn, cur_conn, pc = self.per_conn, self.cur_conn, self.pc
+        cur_bucket, cur_count, buckets = self.cur_bucket, self.cur_count, self.buckets
+        last_seq = self.last_seq
+        window, win_conn, lat = self.window, self.win_conn, self.lat
+        win_count, win_first, win_last = self.win_count, self.win_first, self.win_last
+        check_every = self.check_every
+        light, full_dec, crc, decode_error = _light, _full, kraken_crc, msgspec.DecodeError
+        until = clock() + budget_ns
+        now = 0
+        try:
+            while now < until:
+                msg = recv()
                 now = clock()
                 sp = msg.find(b" ")
                 topic = msg[:sp]
                 if topic[:5] != b"book.":
-                    if topic == b"stats":
-                        try:
-                            ev = _stats(msg[sp + 1:]).event
-                            stats[ev.process] = {"pid": ev.pid, "counters": ev.counters,
-                                                 "gauges": ev.gauges, "at_ns": now}
-                        except msgspec.DecodeError:
-                            bad += 1
+                    self.other(topic, msg, sp, now)
                     continue
                 body = memoryview(msg)[sp + 1:]
                 try:
-                    env = _light(body)
-                except msgspec.DecodeError:
+                    env = light(body)
+                except decode_error:
                     bad += 1
                     continue
                 total += 1
                 ev = env.event
+                seq = env.seq
                 prev = last_seq.get(topic)
-                if prev is not None and prev[0] == env.epoch and env.seq != prev[1] + 1:
+                if prev is not None and prev[0] == env.epoch and seq != prev[1] + 1:
                     seq_jumps += 1
-                    if env.seq > prev[1] + 1:
-                        seq_gaps += env.seq - prev[1] - 1
-                last_seq[topic] = (env.epoch, env.seq)
-                if ev.conn_id != cur_conn:      # one connection at a time, mostly
-                    cur_conn = ev.conn_id
-                    pc = per_conn.get(cur_conn)
+                    if seq > prev[1] + 1:
+                        seq_gaps += seq - prev[1] - 1
+                last_seq[topic] = (env.epoch, seq)
+                conn = ev.conn_id
+                if conn != cur_conn:      # one connection at a time, mostly
+                    cur_conn = conn
+                    pc = per_conn.get(conn)
                     if pc is None:
-                        pc = per_conn[cur_conn] = [0, now, now]
+                        pc = per_conn[conn] = [0, now, now]
                 pc[0] += 1
                 pc[2] = now
-                b = now // 100_000_000
-                if b != cur_bucket:
+                if now // 100_000_000 != cur_bucket:
                     if cur_count:
                         buckets[cur_bucket] = buckets.get(cur_bucket, 0) + cur_count
-                    cur_bucket, cur_count = b, 0
+                    cur_bucket, cur_count = now // 100_000_000, 0
                 cur_count += 1
-                if window and (win_conn is None or ev.conn_id == win_conn):
+                if window and (win_conn is None or conn == win_conn):
                     lat.append(now - ev.recv_ns)
                     win_count += 1
                     if not win_first:
@@ -210,48 +200,102 @@ def main(argv: list[str] | None = None) -> int:
                         snapshots += 1
                     checked += 1
                     try:
-                        full = _full(body).event
-                    except msgspec.DecodeError:
+                        full = full_dec(body).event
+                    except decode_error:
                         bad += 1
                         continue
-                    if kraken_crc(full.asks, full.bids) != full.checksum:
+                    if crc(full.asks, full.bids) != full.checksum:
                         mismatches += 1
-        if ctl in events:
+        except zmq.Again:
+            pass
+        finally:
+            self.total, self.snapshots, self.checked = total, snapshots, checked
+            self.mismatches, self.seq_gaps, self.seq_jumps, self.bad = (
+                mismatches, seq_gaps, seq_jumps, bad)
+            self.cur_conn, self.pc = cur_conn, pc
+            self.cur_bucket, self.cur_count = cur_bucket, cur_count
+            self.win_count, self.win_first, self.win_last = win_count, win_first, win_last
+
+    def other(self, topic: bytes, msg: bytes, sp: int, now: int) -> None:
+        """A message that is not a book: keep `stats` events by process."""
+        if topic == b"stats":
+            try:
+                ev = _stats(memoryview(msg)[sp + 1:]).event
+            except msgspec.DecodeError:
+                self.bad += 1
+                return
+            self.stats[ev.process] = {"pid": ev.pid, "counters": ev.counters,
+                                      "gauges": ev.gauges, "at_ns": now}
+
+    def control(self, req: dict, now: int) -> tuple[dict, bool]:
+        """The reply to one control request, and whether to keep running."""
+        cmd = req.get("cmd")
+        reply: dict = {"ok": True}
+        running = True
+        if cmd == "window":
+            if req.get("on"):
+                self.window = True
+                self.win_conn = int(req["conn"]) if req.get("conn") else None
+                self.lat = array("q")
+                self.win_count = 0
+                self.win_first = self.win_last = 0
+            else:
+                self.window = False
+                reply["window"] = _percentiles(self.lat)
+                reply["window"].update(count=self.win_count, first_ns=self.win_first,
+                                       last_ns=self.win_last)
+                if req.get("raw"):
+                    reply["raw_us"] = [x // 1000 for x in self.lat]
+        elif cmd == "stop":
+            running = False
+        if cmd in ("get", "window", "stop"):
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            reply.update(
+                now_ns=now, total=self.total, snapshots=self.snapshots,
+                checked=self.checked, mismatches=self.mismatches, seq_gaps=self.seq_gaps,
+                seq_jumps=self.seq_jumps, bad=self.bad,
+                per_conn={str(k): v for k, v in self.per_conn.items()}, stats=self.stats,
+                cpu_s=ru.ru_utime + ru.ru_stime)
+            if req.get("buckets"):
+                all_b = dict(self.buckets)
+                if self.cur_count:
+                    all_b[self.cur_bucket] = all_b.get(self.cur_bucket, 0) + self.cur_count
+                reply["buckets"] = sorted(all_b.items())
+        return reply, running
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--control", required=True)
+    ap.add_argument("--check-every", type=int, default=10)
+    args = ap.parse_args(argv)
+
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 100_000)
+    sub.setsockopt(zmq.RCVTIMEO, RCVTIMEO_MS)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"book.")
+    sub.setsockopt(zmq.SUBSCRIBE, b"stats ")
+    sub.connect(args.endpoint)
+    ctl = ctx.socket(zmq.PAIR)
+    ctl.setsockopt(zmq.LINGER, 0)
+    ctl.bind(args.control)
+
+    tally = Tally(args.check_every)
+    clock = time.time_ns
+    recv = sub.recv
+    running = True
+    while running:
+        tally.drain(recv, clock, CONTROL_EVERY_NS)
+        while running and ctl.poll(0):
             try:
                 req = msgspec.json.decode(ctl.recv())
             except msgspec.DecodeError:
                 ctl.send(b'{"ok":false}')
                 continue
-            cmd = req.get("cmd")
-            reply: dict = {"ok": True}
-            if cmd == "window":
-                if req.get("on"):
-                    window = True
-                    win_conn = int(req["conn"]) if req.get("conn") else None
-                    lat = array("q")
-                    win_count = 0
-                    win_first = win_last = 0
-                else:
-                    window = False
-                    reply["window"] = _percentiles(lat)
-                    reply["window"].update(count=win_count, first_ns=win_first,
-                                           last_ns=win_last)
-                    if req.get("raw"):
-                        reply["raw_us"] = [x // 1000 for x in lat]
-            elif cmd == "stop":
-                running = False
-            if cmd in ("get", "window", "stop"):
-                ru = resource.getrusage(resource.RUSAGE_SELF)
-                reply.update(
-                    now_ns=clock(), total=total, snapshots=snapshots, checked=checked,
-                    mismatches=mismatches, seq_gaps=seq_gaps, seq_jumps=seq_jumps, bad=bad,
-                    per_conn={str(k): v for k, v in per_conn.items()}, stats=stats,
-                    cpu_s=ru.ru_utime + ru.ru_stime)
-                if req.get("buckets"):
-                    all_b = dict(buckets)
-                    if cur_count:
-                        all_b[cur_bucket] = all_b.get(cur_bucket, 0) + cur_count
-                    reply["buckets"] = sorted(all_b.items())
+            reply, running = tally.control(req, clock())
             ctl.send(msgspec.json.encode(reply))
     sub.close()
     ctl.close()
