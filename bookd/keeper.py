@@ -24,7 +24,10 @@ Per pair, the states (shared memory words in brackets):
       crossed book, decode error                          ResyncRequest to ingest
     too many resyncs in the window        any             + PotentialHaltTrigger (once)
     Stale notice / no data for stale_s    LIVE            (same) [stale]
-    connection down                       any             AWAIT_SNAPSHOT [stale]
+    connection down                       any             AWAIT_SNAPSHOT [stale], no
+                                                          conn: no retries until the
+                                                          next connection's PairInfo
+    snapshot missing for resync_retry     AWAIT_SNAPSHOT  (same), ResyncRequest again
     value >= 2**64 ticks                  any             HALTED [halted], no trigger
 
 N is the seed's `max_checksum_mismatches_before_resub` (default 1: resync at once).
@@ -206,6 +209,11 @@ class BookKeeper:
             for p in self.pairs:
                 if p.conn_id == msg.conn_id and p.phase != HALT:
                     p.phase = AWAIT_SNAPSHOT
+                    # No connection to resync on: on_tick stops asking (ingest would
+                    # ignore requests about a dead connection, and they must not use up
+                    # the pair's resync budget while the reconnect budget decides). The
+                    # next connection's PairInfo sets it again, and its snapshots follow.
+                    p.conn_id = 0
                     self._set_state(p, BookState.STALE, f"connection down: {msg.reason}", STALE)
 
     def _pair_info(self, info: PairInfo, now_ns: int) -> None:

@@ -653,3 +653,28 @@ def test_precision_change_mid_connection_awaits_a_fresh_snapshot():
     assert ev.snapshot and ev.price_precision == pp + 1
     assert ev.bids[0][0] == ticks_to_decimal(scaled.bids()[0][0], pp + 1)
     assert rig.writer.state(0) == BookState.VALID
+
+
+def test_missing_snapshot_is_asked_again_but_never_for_a_dead_connection():
+    """on_tick retries a resync whose snapshot does not come, on the live connection;
+    after ConnectionState(down) it waits for the next connection instead: requests
+    about a dead connection are ignored by ingest and must not use up the resync
+    budget (a Kraken outage longer than a few retries would otherwise halt)."""
+    rig, btc, eth, ref, _ = two_pairs(max_resyncs=3, resync_retry_ns=2_000 * MS)
+    rig.feed("ETH/USD", eth[0])
+    rig.feed("BTC/USD", btc[0])
+    rig.feed("BTC/USD", corrupt(btc[1]))
+    assert [r.reason[:17] for r in rig.out.resyncs] == ["checksum mismatch"]
+    rig.now += 2_500 * MS
+    rig.keeper.on_tick(rig.now)
+    assert rig.out.resyncs[1:] == [ResyncRequest(("BTC/USD",), "snapshot still missing", 1)]
+    rig.keeper.on_control(ConnectionState(1, False, "no heartbeat"), rig.now)
+    assert rig.writer.state(0) is BookState.STALE
+    _, resyncs, _ = rig.mark()
+    for _ in range(10):  # a long outage: nothing to ask, nothing counted, no trigger
+        rig.now += 2_500 * MS
+        rig.keeper.on_tick(rig.now)
+    assert len(rig.out.resyncs) == resyncs and rig.triggers() == []
+    rig.info("BTC/USD", conn_id=2)  # the next connection: its snapshot makes it valid
+    rig.feed("BTC/USD", btc[0])
+    assert rig.writer.state(0) is BookState.VALID and rig.triggers() == []
