@@ -249,7 +249,7 @@ def print_table(r: dict) -> None:
           f"verified: core {r['core_ok']}, seed {r['seed_ok']}")
     rows = [
         ("(a)  convert: decode_book (typed + exact ticks)", r["convert_us_per_update"]),
-        ("     of which: frame guard (translate + 3 scans)", r["guard_us_per_update"]),
+        ("     of which: frame guard (translate + run search)", r["guard_us_per_update"]),
         ("     of which: typed float decode (msgspec)", r["typed_decode_us_per_update"]),
         ("(a') exact Raw route alone", r["exact_route_us_per_update"]),
         ("(b)  core: decode + apply + truncate + checksum", r["core_us_per_update"]),
