@@ -56,6 +56,18 @@ _json = msgspec.json.Encoder()
 class _Topic:
     __slots__ = ("seq", "head", "last")
 
+    @staticmethod
+    def new(topic: bytes) -> _Topic:
+        """A topic's state; ValueError for a topic that cannot be one: empty, or with a
+        space, a quote, a backslash (spliced into JSON as is) or bytes that are not
+        UTF-8."""
+        if not topic or b" " in topic or b'"' in topic or b"\\" in topic:
+            raise ValueError(f"bad topic {topic[:60]!r}")
+        try:
+            return _Topic(topic)
+        except UnicodeDecodeError:
+            raise ValueError(f"topic {topic[:60]!r} is not UTF-8") from None
+
     def __init__(self, topic: bytes) -> None:
         self.seq = 0
         # b'<topic> {"v":1,"topic":"<topic>","epoch":'
@@ -77,9 +89,7 @@ class BusCore:
     def stamp(self, topic: bytes, type_name: bytes, event_json: bytes, pub_ns: int) -> bytes:
         t = self.topics.get(topic)
         if t is None:
-            if not topic or b" " in topic or b'"' in topic or b"\\" in topic:
-                raise ValueError(f"bad topic {topic[:60]!r}")
-            t = self.topics[topic] = _Topic(topic)
+            t = self.topics[topic] = _Topic.new(topic)
         t.seq += 1
         msg = b"".join((t.head, self.epoch_b, b',"seq":%d,"pub_ns":%d,"type":"' % (t.seq, pub_ns),
                         type_name, b'","event":', event_json, b"}"))
@@ -109,10 +119,11 @@ class BusCore:
             topic = payload[:a]
             t = topics.get(topic)
             if t is None:
-                if b'"' in topic or b"\\" in topic:
+                try:
+                    t = topics[topic] = _Topic.new(topic)
+                except ValueError:
                     c["bad_messages"] += 1
                     continue
-                t = topics[topic] = _Topic(topic)
             seq = t.seq = t.seq + 1
             t.last = env = join((t.head, epoch_b, b',"seq":%d,"pub_ns":%d,"type":"' % (
                 seq, clock()), payload[a + 1:b], b'","event":', payload[b + 1:], b"}"))

@@ -150,6 +150,7 @@ def test_stamp_batch_counts_and_skips_bad_records():
         header + b" SystemStateEvent {}",                        # empty topic
         header + b'book."x SystemStateEvent {}',                 # a quote in the topic
         header + b"book.A\\B SystemStateEvent {}",             # a backslash in the topic
+        header + b"book.\xff SystemStateEvent {}",               # a topic that is not UTF-8
         pack_control(ResyncRequest(pairs=("BTC/USD",), reason="x")),  # not an EVENT
         b"\x03\x07" + good[2:],                                 # unknown header version
         b"\x03",                                                 # shorter than a header
