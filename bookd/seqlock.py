@@ -405,7 +405,9 @@ class BookPublisher:
         d = self.depth
         updates = pw.updates + 1
         scratch = pw.scratch
-        pw.image_ok = False  # until the pack has succeeded
+        # publish() takes its levels from the caller, not from a Book: the next
+        # publish_book cannot know which of its sides still match, so it packs both.
+        pw.image_ok = False
         try:
             if nb == d == na == len(bid_qtys) == len(ask_qtys):
                 pw.pack(scratch, 0, _VALID, nb, na, checksum, exchange_ts_ns, recv_ns,
@@ -419,7 +421,6 @@ class BookPublisher:
         except struct.error:
             raise pw.diagnose(bid_prices, bid_qtys, ask_prices, ask_qtys, checksum,
                               exchange_ts_ns, recv_ns) from None
-        pw.image_ok = True
         self._commit(pw, updates)
 
     def publish_book(self, i: int, book, changed: int, checksum: int, exchange_ts_ns: int,

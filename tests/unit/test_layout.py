@@ -333,6 +333,22 @@ def test_publish_book_repacks_everything_after_a_failed_publish() -> None:
     assert bufs[0][L.P_PUBLISH:] == bufs[1][L.P_PUBLISH:]
 
 
+def test_publish_book_repacks_everything_after_publish() -> None:
+    """publish() takes levels from the caller, not from the Book: the next publish_book
+    cannot trust the image's sides to match its book, so it packs both."""
+    bufs = [bytearray(L.pair_segment_size(10)) for _ in range(2)]
+    fast, ref = (BookPublisher([b], ["X/Y"], 10, generation=1) for b in bufs)
+    book = Book("X/Y", 10)
+    book.apply(True, [(50, 1)], [(200, 1)])
+    for pub in (fast, ref):
+        pub.publish(0, [50], [1], [888], [8], checksum=1, exchange_ts_ns=2, recv_ns=3)
+    book.apply(False, [(49, 2)], [])
+    fast.publish_book(0, book, BIDS, 1, 2, 3)  # the asks of the image are not the book's
+    ref.publish(0, book.bid_prices(), book.bid_qtys, book.ask_keys, book.ask_qtys,
+                checksum=1, exchange_ts_ns=2, recv_ns=3)
+    assert bufs[0][L.P_PUBLISH:] == bufs[1][L.P_PUBLISH:]
+
+
 def test_state_precision_and_closed_checks() -> None:
     buf = bytearray(L.pair_segment_size(10))
     pub = BookPublisher([buf], ["BTC/USD"], 10, generation=1)
