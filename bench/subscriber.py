@@ -159,7 +159,7 @@ class Tally:
                 sp = msg.find(b" ")
                 topic = msg[:sp]
                 if topic[:5] != b"book.":
-                    self.other(topic, msg, sp, now)
+                    bad += not self.other(topic, msg, sp, now)  # `bad` is local here
                     continue
                 body = memoryview(msg)[sp + 1:]
                 try:
@@ -216,16 +216,17 @@ class Tally:
             self.cur_bucket, self.cur_count = cur_bucket, cur_count
             self.win_count, self.win_first, self.win_last = win_count, win_first, win_last
 
-    def other(self, topic: bytes, msg: bytes, sp: int, now: int) -> None:
-        """A message that is not a book: keep `stats` events by process."""
+    def other(self, topic: bytes, msg: bytes, sp: int, now: int) -> bool:
+        """A message that is not a book: keep `stats` events by process. False for one
+        that does not decode (the caller counts it in `bad`)."""
         if topic == b"stats":
             try:
                 ev = _stats(memoryview(msg)[sp + 1:]).event
             except msgspec.DecodeError:
-                self.bad += 1
-                return
+                return False
             self.stats[ev.process] = {"pid": ev.pid, "counters": ev.counters,
                                       "gauges": ev.gauges, "at_ns": now}
+        return True
 
     def control(self, req: dict, now: int) -> tuple[dict, bool]:
         """The reply to one control request, and whether to keep running."""

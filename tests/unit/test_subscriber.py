@@ -91,8 +91,9 @@ def test_a_wrong_checksum_is_a_mismatch_and_garbage_is_bad():
     core = BusCore(epoch=111)
     tally = Tally(check_every=1)
     _feed(tally, [_stamp(core, _l2("BTC/USD", 1, bad_checksum=True)),
-                  _stamp(core, _l2("BTC/USD", 2)), b"book.BTC/USD {not json"])
-    assert (tally.total, tally.checked, tally.mismatches, tally.bad) == (2, 2, 1, 1)
+                  _stamp(core, _l2("BTC/USD", 2)), b"book.BTC/USD {not json",
+                  b"stats {not json", b"stats {neither"])
+    assert (tally.total, tally.checked, tally.mismatches, tally.bad) == (2, 2, 1, 3)
 
 
 def test_kraken_crc_strips_the_dot_and_leading_zeros():
