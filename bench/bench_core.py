@@ -153,6 +153,19 @@ def medians_us(cases: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def core_pass(s: Stream) -> int:
+    """Our core over the stream from fresh books: decode with exact ticks, apply,
+    truncate, checksum, compare; returns the number of mismatches."""
+    books = {sym: Book(sym, s.depth, *p) for sym, p in s.precisions.items()}
+    precisions = s.precisions
+    bad = 0
+    for f in s.frames:
+        for u in decode_book(f, precisions):
+            if books[u.symbol].apply(u.snapshot, u.bids, u.asks) != u.checksum:
+                bad += 1
+    return bad
+
+
 def bench_stream(s: Stream, reps: int) -> dict:
     frames = s.frames
     precisions = s.precisions
@@ -181,13 +194,7 @@ def bench_stream(s: Stream, reps: int) -> dict:
             typed(f)
 
     def core():
-        books = {sym: Book(sym, depth, *p) for sym, p in precisions.items()}
-        bad = 0
-        for f in frames:
-            for u in decode_book(f, precisions):
-                if books[u.symbol].apply(u.snapshot, u.bids, u.asks) != u.checksum:
-                    bad += 1
-        return bad
+        return core_pass(s)
 
     def seed():
         books = SeedBooks(depth, precisions)

@@ -10,6 +10,11 @@ of the side per level, truncation, checksum on every update, `on_book_update`).
 clear a book on a snapshot, so every repetition gets a fresh client (made before the
 clock starts). The checksum verdicts are counted first: a mismatch invalidates the run.
 
+Each repetition also times our core on the same frames (bench_core.core_pass), right
+after the SDK's: `core_ratio_vs_pks` is the median of the per-repetition ratios, so a
+burst of load on the shared machine hits both sides of a ratio alike (bench_core.py
+runs in another process, at another moment).
+
     .venv/bin/python bench/pks_core.py [--reps 15] [--synthetic 5000] [--seed 1] [--json]
 
 Reports the median over --reps of the time per book message. No assertions.
@@ -29,7 +34,7 @@ from time import perf_counter_ns
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseline_pks import make_client_class, patch_asset_pairs  # noqa: E402
-from bench_core import SDK_FIXTURE, Stream, load_jsonl, synthetic  # noqa: E402
+from bench_core import SDK_FIXTURE, Stream, core_pass, load_jsonl, synthetic  # noqa: E402
 
 
 def bench_stream(s: Stream, reps: int) -> dict:
@@ -52,12 +57,18 @@ def bench_stream(s: Stream, reps: int) -> dict:
         made = loop.run_until_complete(make())
         check, *clients = made
         loop.run_until_complete(run(check))
-        times = []
+        if core_pass(s):
+            raise SystemExit(f"{s.name}: our core found checksum mismatches")
+        times, ours = [], []
         for client in clients:
             gc.collect()
             t0 = perf_counter_ns()
             loop.run_until_complete(run(client))
             times.append(perf_counter_ns() - t0)
+            gc.collect()
+            t0 = perf_counter_ns()
+            core_pass(s)
+            ours.append(perf_counter_ns() - t0)
     finally:
         async def close_all() -> None:
             for c in made:
@@ -68,7 +79,10 @@ def bench_stream(s: Stream, reps: int) -> dict:
             "pks_ok": f"{check.bench_checked - check.bench_mismatches}/{check.bench_checked}",
             "pks_mismatches": check.bench_mismatches,
             "pks_messages_seen": check.bench_messages,
-            "pks_core_us_per_update": statistics.median(times) / len(frames) / 1000}
+            "pks_core_us_per_update": statistics.median(times) / len(frames) / 1000,
+            "ours_core_us_per_update": statistics.median(ours) / len(frames) / 1000,
+            "core_ratio_vs_pks": statistics.median(t / o for t, o in zip(times, ours,
+                                                                            strict=True))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         out["synthetic"] = bench_stream(synthetic(args.synthetic, args.seed), args.reps)
     for r in out.values():
         print(f"{r['stream']}: python-kraken-sdk on_message {r['pks_core_us_per_update']:.3f} "
-              f"us per message; checksums verified {r['pks_ok']}")
+              f"us per message (ours in the same repetitions {r['ours_core_us_per_update']:.3f}, "
+              f"ratio {r['core_ratio_vs_pks']:.2f}x); checksums verified {r['pks_ok']}")
     if args.json:
         print(json.dumps(out))
     return 0
