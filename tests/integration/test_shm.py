@@ -50,6 +50,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 DEPTH = 10
 PAIR = "BTC/USD"
 TORN_SECONDS = 2.0
+MIN_READS = 1000  # the torn-read tests want at least this many reads as evidence
 
 
 @pytest.fixture
@@ -171,6 +172,12 @@ def _torn_reader(ns: str, pair: str, depth: int, seconds: float, validated: bool
         reader = BookReader.attach(pair, timeout=20, namespace=ns)
         reads = torn = 0
         end = time.monotonic() + seconds
+        late = end + 30  # a starved reader (loaded CI box) goes on until it has evidence
+
+        def more() -> bool:
+            now = time.monotonic()
+            return now < end or (reads < MIN_READS and now < late)
+
         if validated:  # the API: snapshot() copies and zero-copy views, both validated
             def grab(v: BookView) -> tuple:
                 nb, na = v.n_bids, v.n_asks
@@ -178,7 +185,7 @@ def _torn_reader(ns: str, pair: str, depth: int, seconds: float, validated: bool
                         np.stack((v.bid_prices[:nb], v.bid_qtys[:nb]), axis=1),
                         np.stack((v.ask_prices[:na], v.ask_qtys[:na]), axis=1))
             with reader.view() as view:
-                while time.monotonic() < end:
+                while more():
                     for _ in range(32):
                         s = reader.snapshot()
                         torn += _torn(mode, depth, s.exchange_ts_ns, s.recv_ns, s.checksum,
@@ -189,7 +196,7 @@ def _torn_reader(ns: str, pair: str, depth: int, seconds: float, validated: bool
         else:  # the control: the same copy and parse, without the counter check
             m = ReadOnlyMapping.open(pair_segment_name(ns, pair))
             src = m.buf[P_PAYLOAD:pair_geometry(depth).size]
-            while time.monotonic() < end:
+            while more():
                 for _ in range(64):
                     data = src.tobytes()
                     head = PAYLOAD_HEAD.unpack_from(data)
@@ -229,7 +236,7 @@ def _run_torn(ns: str, mode: str, validated: bool) -> tuple[int, int, int, int]:
     rp.start()  # attach() waits for the writer's segments
     try:
         assert ready.wait(30), "writer process did not start"
-        result = rq.get(timeout=TORN_SECONDS + 60)
+        result = rq.get(timeout=TORN_SECONDS + 90)
         assert isinstance(result, tuple), f"reader failed:\n{result}"
         stop.set()
         writes = wq.get(timeout=30)
@@ -254,7 +261,7 @@ def test_no_torn_snapshot_under_a_full_speed_writer(ns: str, mode: str) -> None:
     print(f"\n[{mode} writer] {writes} writes; {reads} validated reads (snapshots and "
           f"zero-copy views, half each) in {TORN_SECONDS:g} s "
           f"({reads / TORN_SECONDS / 1e3:.0f} k/s), {retries} seqlock retries, {torn} torn")
-    assert writes > 1000 and reads >= 100  # enough evidence even on a loaded 2-core box
+    assert writes > 1000 and reads >= MIN_READS  # the reader goes on until it has them
     assert torn == 0
     assert _names(ns) == []
 
