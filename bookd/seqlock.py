@@ -468,20 +468,12 @@ class BookPublisher:
             raise pw.diagnose([-k for k in bid_keys], book.bid_qtys, ask_keys, book.ask_qtys,
                               checksum, exchange_ts_ns, recv_ns) from None
         pw.image_ok = True
-        # _commit, inlined (one Python call less on the hot path):
-        lock = pw.lock
-        seq = lock._seq + 1
-        counter = lock._seq_mv
-        counter[0] = seq        # odd: readers retry
-        lock._dst[:] = scratch  # one memcpy of the whole publish block
-        seq += 1
-        counter[0] = seq        # even: consistent
-        lock._seq = seq
-        pw.updates = updates
+        self._commit(pw, updates)
 
     @staticmethod
     def _commit(pw: PairWriter, updates: int) -> None:
-        """Copy the packed image into the segment: SeqlockWriter.write, inlined."""
+        """Copy the packed image into the segment: SeqlockWriter.write, inlined (the
+        one place both publish paths write through the seqlock)."""
         lock = pw.lock
         seq = lock._seq + 1
         counter = lock._seq_mv
