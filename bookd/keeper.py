@@ -123,6 +123,25 @@ def level_format(price_precision: int, qty_precision: int) -> bytes:
     return b'["' + part(price_precision) + b'","' + part(qty_precision) + b'"]'
 
 
+
+def _render_side(frags: list, keys: list, qtys: list, neg: bool, fmt: bytes, ps: int,
+                 qs: int) -> bytes:
+    """One side's levels as L2 event JSON, re-rendering only the levels whose `frags`
+    slot is None (the book core clears it on every change); keys are -price if `neg`.
+
+    The few levels to render are found by C scans (count, index) rather than a Python
+    loop over every level: 0.4 -> 0.1 us at depth 10. `//` and `%` rather than
+    `*divmod()`: 20% less per level.
+    """
+    n = frags.count(None)
+    i = -1
+    for _ in range(n):
+        i = frags.index(None, i + 1)
+        k = -keys[i] if neg else keys[i]
+        q = qtys[i]
+        frags[i] = fmt % (k // ps, k % ps, q // qs, q % qs)
+    return b",".join(frags)
+
 _second_base: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM:SS." -> unix ns of that second
 _FRAC_SCALE = [10 ** (9 - n) for n in range(10)]  # 6 fraction digits -> * 1000
 
@@ -358,35 +377,12 @@ class BookKeeper:
         book = p.book
         bids = p.bids_json
         if bids is None:
-            frags = book.bid_frags
-            # The few levels to render, found by C scans (count, index) rather than a
-            # Python loop over every level: 0.4 -> 0.1 us at depth 10. `//` and `%`
-            # rather than `*divmod()`: 20% less per level.
-            n = frags.count(None)
-            if n:
-                fmt, ps, qs = p.fmt, p.ps, p.qs
-                keys, qtys = book.bid_keys, book.bid_qtys
-                i = -1
-                for _ in range(n):
-                    i = frags.index(None, i + 1)
-                    k = -keys[i]
-                    q = qtys[i]
-                    frags[i] = fmt % (k // ps, k % ps, q // qs, q % qs)
-            bids = p.bids_json = b",".join(frags)
+            bids = p.bids_json = _render_side(book.bid_frags, book.bid_keys, book.bid_qtys,
+                                              True, p.fmt, p.ps, p.qs)
         asks = p.asks_json
         if asks is None:
-            frags = book.ask_frags
-            n = frags.count(None)
-            if n:
-                fmt, ps, qs = p.fmt, p.ps, p.qs
-                keys, qtys = book.ask_keys, book.ask_qtys
-                i = -1
-                for _ in range(n):
-                    i = frags.index(None, i + 1)
-                    k = keys[i]
-                    q = qtys[i]
-                    frags[i] = fmt % (k // ps, k % ps, q // qs, q % qs)
-            asks = p.asks_json = b",".join(frags)
+            asks = p.asks_json = _render_side(book.ask_frags, book.ask_keys, book.ask_qtys,
+                                              False, p.fmt, p.ps, p.qs)
         if ts_ns:
             tail = p.tails[u.snapshot] % (crc, ts_ns, recv_ns)
         else:
