@@ -153,6 +153,23 @@ class Pipeline:
                                    f"(ingest log: {self.procs['ingest'].log_text()[-600:]})")
             time.sleep(0.05)
 
+    def _wait_quiet(self, conn: str, timeout_s: float, quiet_s: float) -> tuple[bool, dict]:
+        """Wait until the subscriber's event count of connection `conn` has not moved
+        for `quiet_s`. Returns whether it did before `timeout_s` ran out (drained), and
+        the subscriber's last counters."""
+        last, quiet_since = -1, time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            g = self.sub.get()
+            n = g["per_conn"][conn][0]
+            if n != last:
+                last, quiet_since = n, time.monotonic()
+            elif time.monotonic() - quiet_since > quiet_s:
+                return True, g
+            if time.monotonic() >= deadline:
+                return False, g
+            time.sleep(0.05)
+
     def step(self, label: str, rec: Recording, speed: float | None, seconds: float, *,
              nominal: float | None, warmup: float = 0.5, raw: bool = False,
              reader_s: float = 0.0, loop: bool = True, hook=None,  # noqa: ANN001
@@ -189,18 +206,8 @@ class Pipeline:
                 res["reader"] = self._reader(reader_s)
             rc.fault("stall")
             s2 = rc.status()["counters"]
-            last, quiet_since = -1, time.monotonic()
-            drain_deadline = time.monotonic() + drain_s
-            while time.monotonic() < drain_deadline:
-                g = sub.get()
-                n = g["per_conn"][conn][0]
-                if n != last:
-                    last, quiet_since = n, time.monotonic()
-                elif time.monotonic() - quiet_since > 0.4:
-                    break
-                time.sleep(0.05)
+            res["drained"], g = self._wait_quiet(conn, drain_s, 0.4)
             res["drain_s"] = round(time.monotonic() - t1, 2)
-            res["drained"] = time.monotonic() < drain_deadline
         finally:
             rc.close()
             res["replay_peak_rss_kb"] = replay.peak_rss_kb
@@ -272,17 +279,7 @@ class Pipeline:
         try:
             conn = self._new_conn(seen)
             t_conn = time.monotonic()
-            last, quiet_since = -1, time.monotonic()
-            drain_deadline = time.monotonic() + drain_s
-            while time.monotonic() < drain_deadline:   # the pass, then the drain
-                g = sub.get()
-                n = g["per_conn"][conn][0]
-                if n != last:
-                    last, quiet_since = n, time.monotonic()
-                elif time.monotonic() - quiet_since > 0.5:
-                    break
-                time.sleep(0.05)
-            res["drained"] = time.monotonic() < drain_deadline
+            res["drained"], g = self._wait_quiet(conn, drain_s, 0.5)  # the pass, then the drain
             rc.fault("stall")
             s2 = rc.status()["counters"]
             w = sub.request(cmd="window", on=False)
