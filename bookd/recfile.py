@@ -73,6 +73,7 @@ class FileHeader(msgspec.Struct, frozen=True):
     # symbol -> (price_precision, qty_precision); either part may be unknown (None)
     precisions: dict[str, tuple[int | None, int | None]] = {}
     header_line: bool = False               # the first line was a header, not data
+    continues: str | None = None            # a rotated part: the file name of the one before
 
 
 class Entry(msgspec.Struct, frozen=True, gc=False):
@@ -182,8 +183,13 @@ def _parse_header(path: str, obj: object) -> FileHeader | None:
                 raise RecFileError(path, 1, f"header: precisions[{sym!r}] must be "
                                             "[price_precision, qty_precision]")
             precs[sym] = (pq[0], pq[1])
+        continues = obj.get("continues")
+        if continues is not None and not isinstance(continues, str):
+            raise RecFileError(path, 1, "header: continues must be the file name of the "
+                                        "previous part")
         return FileHeader("recording", _symbols(path, obj),
-                          _int_or_none(path, "depth", obj.get("depth")), precs, True)
+                          _int_or_none(path, "depth", obj.get("depth")), precs, True,
+                          continues)
     if ("rx_ns" in obj or "channel" in obj or "method" in obj or "frame" in obj
             or "raw_b64" in obj):
         return None

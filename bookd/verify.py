@@ -18,6 +18,11 @@ Where the parameters come from, per symbol (first that knows wins):
 * depth: `--depth`, then `_meta` or the header, then the client's subscribe request
   (`"dir":"tx"` line) or the subscribe ack, else 10.
 
+Files are separate connections with their own books, except the rotated parts of one
+recording: a part whose header says it `continues` the file given just before it
+carries on with that file's books and precisions (`bookd.verify rec.0*.ndjson.gz`);
+a part given without its predecessor starts fresh, with a NOTE saying so.
+
 Stream semantics: a snapshot (re)creates the symbol's book, so resubscribes and new
 snapshots mid-file just work; a successful book unsubscribe ack drops the book; an
 update with no book (no snapshot yet, or after an unsubscribe) is counted as
@@ -51,6 +56,7 @@ on stderr naming the file and line and nothing on stdout.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -138,6 +144,7 @@ class Verifier:
         self._t0 = time.monotonic()
         self._last_progress = self._t0
         self._last_progress_lines = 0
+        self._last: _FileState | None = None  # the file before, for a rotated part
 
     # -- parameter resolution ---------------------------------------------------------
     def _resolve_precision(self, st: _FileState, sym: str, line: int) -> tuple[int, int]:
@@ -171,7 +178,21 @@ class Verifier:
     # -- one file ------------------------------------------------------------------
     def run_file(self, path: str) -> None:
         header, entries = read_file(path)
-        st = _FileState(path, header)
+        prev = self._last
+        joined = (header.continues is not None and prev is not None
+                  and os.path.basename(prev.path) == header.continues)
+        if joined:  # the next rotated part of the same connection: its books go on
+            st = prev
+            st.path, st.header = path, header
+        else:
+            st = _FileState(path, header)
+            if header.continues is not None:
+                self.errors.append({
+                    "kind": "part", "file": path, "line": 1, "symbol": None,
+                    "error": f"a rotated part that continues {header.continues}, which was "
+                             "not the file before it: its books start fresh (give the "
+                             "parts in order to carry them over)"})
+        self._last = st
         before = (self.lines, self.frames, self.checksums, self.ok, self.mismatch)
         last_line = 1 if header.header_line else 0
         for e in entries:
@@ -202,7 +223,7 @@ class Verifier:
             "file": path, "kind": header.kind, "lines": self.lines - before[0],
             "frames": self.frames - before[1], "checksums": self.checksums - before[2],
             "ok": self.ok - before[3], "mismatch": self.mismatch - before[4],
-            "symbols": sorted({*st.prec})})
+            "symbols": sorted({*st.prec}), "continues": header.continues if joined else None})
 
     def _maybe_progress(self, path: str, line: int) -> None:
         now = time.monotonic()
@@ -355,7 +376,9 @@ class Verifier:
                f"{self.frames:,} frames ({self.tx:,} client-sent), {self.raw:,} raw_b64 "
                f"lines skipped"]
         for f in self.files:
-            out.append(f"  {f['file']} [{f['kind']}]: {f['frames']:,} frames, "
+            part = f" (continues {f['continues']}, books carried over)" \
+                if f["continues"] else ""
+            out.append(f"  {f['file']} [{f['kind']}]{part}: {f['frames']:,} frames, "
                        f"{f['checksums']:,} checksums, {f['ok']:,} ok, "
                        f"{f['mismatch']:,} mismatch")
         if self.channels:

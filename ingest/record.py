@@ -44,13 +44,15 @@ numbered, `rec.ndjson.gz` -> `rec.0001.ndjson.gz`, `rec.0002.ndjson.gz`, ...
 without, PATH itself is written (and overwritten). A file rotates once it holds N
 bytes on disk (compressed, for gzip; checked every N/16 bytes of lines, so a file ends
 a little above N) or is S seconds old, at a frame boundary. Each file is a complete
-recording with its own header (same symbols, depth, the latest precisions). A rotated
-file starts mid-stream: its book updates come before any snapshot of their pair (the
-next snapshot only comes with a reconnect or resync). `bookd.verify` counts such
-updates as `skipped` (not mismatches; with no snapshot at all in the file it checks no
-checksum and says so), and `python -m replay --file` serves such a file but cannot
-build correct books from it; replay the first file, or record without rotation, when
-books matter.
+recording with its own header (same symbols, depth, the latest precisions), and every
+part after the first of a run names the part before it in the header's `continues`
+(`"continues": "rec.0001.ndjson.gz"`). A rotated part starts mid-stream: its book
+updates come before any snapshot of their pair (the next snapshot only comes with a
+reconnect or resync). So give the parts together, in order: `python -m replay --file
+rec.0001.ndjson.gz rec.0002.ndjson.gz ...` serves them as one recording, and
+`python -m bookd.verify rec.0*.ndjson.gz` carries the books from a part into the one
+that continues it. A part verified alone counts its updates before a snapshot as
+`skipped` (not mismatches).
 
 Close (`close()`, called by ingest's shutdown path, i.e. after SIGTERM): the thread
 drains the queue for at most `timeout` seconds (frames still queued then are counted
@@ -140,7 +142,8 @@ def _instrument_precisions(frame: bytes) -> dict[str, tuple[int, int]]:
 class Recorder:
     """Frames in on the event loop (`rx`, `tx`), a recording out from a thread.
 
-    `open_writer(path, *, symbols, depth, precisions, url, started_utc, clock)` makes
+    `open_writer(path, *, symbols, depth, precisions, url, started_utc, clock, continues)`
+    makes
     the writer of one file (default `RecordingWriter`; tests inject their own). It
     needs `write_frame(rx_ns, frame, tx=)`, `flush()`, `close()`, `size()`, and the
     counters `bytes`, `raw_frames`.
@@ -380,10 +383,13 @@ class Recorder:
         else:
             path = self.path
         prec = {s: self._prec[s] for s in self.symbols if s in self._prec}
+        # A rotated part names the one before it, so replay and verify can join them.
+        prev = Path(self.files[-1]).name if self.files else None
         try:
             self._w = self._open_writer(path, symbols=self.symbols, depth=self.depth,
                                         precisions=prec, url=self.url,
-                                        started_utc=started_utc, clock=CLOCK)
+                                        started_utc=started_utc, clock=CLOCK,
+                                        continues=prev)
         except OSError as e:
             self._fail(e, path)
             return False

@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config file (default $KRAKENFEED_CONFIG or "
                                     "etc/krakenfeed.toml)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--file", metavar="RECORDING",
-                     help="a recording (.ndjson or .ndjson.gz; ours or a DepthCharge capture)")
+    src.add_argument("--file", metavar="RECORDING", nargs="+",
+                     help="a recording (.ndjson or .ndjson.gz; ours or a DepthCharge "
+                          "capture), or the rotated parts of one recording in order "
+                          "(rec.0001.ndjson.gz rec.0002.ndjson.gz ...), served as one")
     src.add_argument("--synthetic", action="store_true",
                      help="serve the synthetic market (replay.synthetic) for [trading] pairs")
     p.add_argument("--host", help="listen address (default [replay] host)")
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _open_source(args: argparse.Namespace, cfg) -> Source:  # noqa: ANN001 - Config
     if args.file:
         from .source import RecordingSource
-        return RecordingSource.from_path(args.file, price_precision=args.price_precision,
+        paths = args.file[0] if len(args.file) == 1 else args.file
+        return RecordingSource.from_path(paths, price_precision=args.price_precision,
                                          qty_precision=args.qty_precision, depth=args.depth)
     try:
         from . import synthetic

@@ -29,6 +29,7 @@ import gzip
 import io
 import time
 import zlib
+from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +41,7 @@ from msgspec import Raw, Struct
 from ingest.wire import peek_channel
 
 __all__ = ["RecordingError", "RecordedFrame", "RecordLine", "Recording", "read_recording",
-           "iter_lines", "RecordingWriter", "FORMAT", "VERSION"]
+           "read_recordings", "iter_lines", "RecordingWriter", "FORMAT", "VERSION"]
 
 FORMAT = "krakenfeed-recording"
 VERSION = 1
@@ -99,10 +100,18 @@ class Recording:
         self.symbols = symbols
         self.depth = depth
         self.precisions = precisions
+        # A rotated part names the part before it (the recorder's `continues`).
+        self.continues: str | None = header.get("continues")
+        self.parts: list[str] = [path]
+        self.part_starts: list[int] = [0]  # index in `frames` of each part's first frame
         self.frames: list[RecordedFrame] = []
         self.skipped_raw = 0
         self.skipped_tx = 0
         self.truncated_tail = 0
+
+    def file_of(self, i: int) -> str:
+        """The part (file) that holds `frames[i]` (its `line` counts within that file)."""
+        return self.parts[bisect_right(self.part_starts, i) - 1]
 
     def __repr__(self) -> str:
         return (f"Recording({self.path!r}, {self.kind}, symbols={self.symbols}, "
@@ -137,6 +146,8 @@ def _parse_header(path: Path, line: bytes) -> tuple[str, dict, tuple[str, ...], 
     if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
         raise bad(f"header depth must be a positive integer, got {depth!r}")
     if header.get("format") == FORMAT:
+        if not isinstance(header.get("continues", ""), str):
+            raise bad("header continues must be the file name of the previous part")
         if header.get("version") != VERSION:
             raise bad(f"unsupported {FORMAT} version {header.get('version')!r} "
                       f"(this reader knows {VERSION})")
@@ -256,6 +267,40 @@ def read_recording(path: str | Path) -> Recording:
     return rec
 
 
+def read_recordings(paths: Sequence[str | Path]) -> Recording:
+    """Read one recording, or the rotated parts of one, in order, as one recording.
+
+    Each part after the first must name the part given before it in its header's
+    `continues` (the recorder writes it when it rotates), so books carry over from one
+    part to the next and nothing unrelated is joined. The result has the first part's
+    path and header, every part's symbols, and each symbol's latest precisions; frames
+    keep their line numbers within their own part (`parts` lists the files).
+    """
+    if not paths:
+        raise RecordingError("no recording given")
+    rec = read_recording(paths[0])
+    for path in paths[1:]:
+        part = read_recording(path)
+        prev = Path(rec.parts[-1]).name
+        if part.continues != prev:
+            says = (f"its header says it continues {part.continues}" if part.continues
+                    else "it is not a rotated part (its header has no continues)")
+            raise RecordingError(f"{path}: not the part after {prev}: {says}; give the "
+                                 "parts of one rotated recording, in order")
+        if part.depth != rec.depth:
+            raise RecordingError(f"{path}: depth {part.depth} differs from {rec.depth} of "
+                                 f"{rec.parts[0]}")
+        rec.symbols += tuple(s for s in part.symbols if s not in rec.symbols)
+        rec.precisions.update(part.precisions)
+        rec.part_starts.append(len(rec.frames))
+        rec.frames.extend(part.frames)
+        rec.skipped_raw += part.skipped_raw
+        rec.skipped_tx += part.skipped_tx
+        rec.truncated_tail += part.truncated_tail
+        rec.parts.append(str(path))
+    return rec
+
+
 # --------------------------------------------------------------------------------------
 # writer
 
@@ -279,7 +324,7 @@ class RecordingWriter:
     def __init__(self, path: str | Path, *, symbols: Sequence[str], depth: int,
                  precisions: Mapping[str, tuple[int, int]], url: str = "",
                  started_utc: str | None = None, compress: bool | None = None,
-                 clock: str = "perf_counter_ns") -> None:
+                 clock: str = "perf_counter_ns", continues: str | None = None) -> None:
         self.path = Path(path)
         gz = self.path.suffix == ".gz" if compress is None else compress
         raw = open(self.path, "wb", buffering=1 << 16)  # noqa: SIM115 - closed in close()
@@ -297,6 +342,8 @@ class RecordingWriter:
             "precisions": {s: [int(p), int(q)] for s, (p, q) in precisions.items()},
             "clock": clock, "started_utc": started_utc or _utc_now(),
         }
+        if continues is not None:  # a rotated part: the file name of the part before it
+            header["continues"] = continues
         line = msgspec.json.encode(header) + b"\n"
         self._f.write(line)
         self.bytes = len(line)

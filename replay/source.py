@@ -74,7 +74,7 @@ from ingest.wire import (
 )
 
 from .frames import book_snapshot
-from .recording import Recording, RecordingError, read_recording
+from .recording import Recording, RecordingError, read_recording, read_recordings
 
 __all__ = ["SourceEvent", "Source", "SourceError", "RecordingSource", "RecordingError",
            "DATA_CHANNELS", "make_event", "BOOK_DEPTHS", "BookIndex", "apply_event",
@@ -294,7 +294,7 @@ class RecordingSource(Source):
         seen: list[str] = list(recording.symbols)
         t0: int | None = None
         last = 0
-        for rf in recording.frames:
+        for i, rf in enumerate(recording.frames):
             channel = rf.channel
             if channel == "instrument":
                 if self._instrument is None and _TYPE_SNAPSHOT in rf.frame:
@@ -313,7 +313,8 @@ class RecordingSource(Source):
                     # An empty trade/ohlc snapshot (a quiet pair) carries nothing to serve.
                     self.empty_frames += 1
                     continue
-                raise SourceError(f"{recording.path}:{rf.line}: {channel} frame without a symbol")
+                raise SourceError(f"{recording.file_of(i)}:{rf.line}: {channel} frame "
+                                  "without a symbol")
             if ev.symbol not in seen:
                 seen.append(ev.symbol)
             events.append(ev)
@@ -351,12 +352,15 @@ class RecordingSource(Source):
                 "source_decode_errors": totals[DECODE_ERROR]}
 
     @classmethod
-    def from_path(cls, path: str | Path, *, price_precision: int | None = None,
-                  qty_precision: int | None = None, depth: int | None = None
-                  ) -> RecordingSource:
-        """Read a recording file and wrap it. Raises RecordingError or SourceError."""
-        return cls(read_recording(path), price_precision=price_precision,
-                   qty_precision=qty_precision, depth=depth)
+    def from_path(cls, path: str | Path | Sequence[str | Path], *,
+                  price_precision: int | None = None, qty_precision: int | None = None,
+                  depth: int | None = None) -> RecordingSource:
+        """Read a recording file (or, given a list, the rotated parts of one recording,
+        in order: `read_recordings`) and wrap it. Raises RecordingError or SourceError."""
+        rec = (read_recording(path) if isinstance(path, str | Path)
+               else read_recordings(path))
+        return cls(rec, price_precision=price_precision, qty_precision=qty_precision,
+                   depth=depth)
 
     def events(self) -> Iterator[SourceEvent]:
         return iter(self.events_list)
@@ -374,7 +378,8 @@ class RecordingSource(Source):
         verdict = ("every checksum verifies" if not bad else
                    f"{bad} book frames do NOT verify (checksum {st['source_checksum_mismatches']}"
                    f", book {st['source_book_errors']}, decode {st['source_decode_errors']})")
-        return (f"recording {r.path}: {len(self.symbols)} symbol(s) "
+        parts = f" and {len(r.parts) - 1} more part(s)" if len(r.parts) > 1 else ""
+        return (f"recording {r.path}{parts}: {len(self.symbols)} symbol(s) "
                 f"{', '.join(self.symbols)} at depth {self.depth}, {len(self.events_list)} data "
                 f"frames ({books} book, {verdict}) over {span:.1f} s; skipped "
                 f"{r.skipped_raw} raw, {r.skipped_tx} client-sent")

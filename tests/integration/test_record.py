@@ -67,11 +67,12 @@ class FakeWriter:
     Event) holds every write_frame until set; `blocked` is set while one waits."""
 
     def __init__(self, path: Path, *, symbols, depth, precisions, url, started_utc,
-                 clock, gate: threading.Event, blocked: threading.Event,
+                 clock, continues, gate: threading.Event, blocked: threading.Event,
                  fail_after: int | None = None) -> None:
         self.path = path
         self.header = {"symbols": list(symbols), "depth": depth, "precisions": dict(precisions),
-                       "url": url, "started_utc": started_utc, "clock": clock}
+                       "url": url, "started_utc": started_utc, "clock": clock,
+                       "continues": continues}
         self.lines: list[tuple[int, bytes, bool]] = []
         self.bytes = 100
         self.raw_frames = 0
@@ -240,6 +241,9 @@ def test_rotation_by_size_gives_complete_files(tmp_path: Path) -> None:
         [f"rec.{i + 1:04d}.ndjson" for i in range(len(sink.writers))]
     assert all(w.header["precisions"] == {"A/B": (1, 2), "C/D": (3, 4)} and w.closed
                for w in sink.writers)
+    # each part after the first names the one before it
+    assert [w.header["continues"] for w in sink.writers] == \
+        [None] + [w.path.name for w in sink.writers[:-1]]
     assert [ln[0] for ln in sink.lines()] == list(range(201))  # nothing lost or repeated
     assert all(w.bytes < 2000 + 2000 // 16 + 200 for w in sink.writers)
     assert rec.counters()["record_files"] == len(sink.writers)
@@ -271,6 +275,7 @@ def test_numbered_names_continue_after_existing_files(tmp_path: Path) -> None:
     rec.rx(b'{"channel":"heartbeat"}', 1)
     rec.close()
     assert [w.path.name for w in sink.writers] == ["rec.0008.ndjson.gz"]
+    assert sink.writers[0].header["continues"] is None  # rec.0007 is another run's
 
 
 def test_real_writer_keeps_frames_verbatim_and_non_json_as_raw_b64(tmp_path: Path) -> None:
@@ -401,18 +406,41 @@ def test_rotation_by_size(cfg: Path, server: ReplayHandle, work: Path) -> None:
     assert len(files) >= 3, summary
     assert [f.name for f in files] == [f"rot.{i + 1:04d}.ndjson" for i in range(len(files))]
     assert not out.exists()
-    total = 0
+    total = book_msgs = 0
     for i, f in enumerate(files):
         h = header(f)
         assert h["symbols"] == PAIRS and sorted(h["precisions"]) == sorted(PAIRS)
+        assert h.get("continues") == (files[i - 1].name if i else None)
         res = verify_one(f)
         assert res["mismatch"] == 0 and res["bad_frames"] == 0 and res["crossed"] == 0, (f, res)
         if i == 0:
             assert res["checksums"] > 0
-        else:  # starts mid-stream: updates before any snapshot are skipped, not wrong
+        else:  # alone, a part starts mid-stream: updates before a snapshot are skipped
             assert res["skipped"] > 0, (f, res)
         total += res["frames"]
+        book_msgs += res["checksums"] + res["skipped"]
     assert f"{total:,} frames" in summary
+
+    # Together, in order, the parts are one stream: every book message is checked.
+    rc, res = verify_cli(*files)
+    assert rc == 0 and res["mismatch"] == 0 and res["skipped"] == 0, res
+    assert res["checksums"] == book_msgs and not res["errors"], res
+    # A part given without the one before it starts fresh, and the report says so.
+    _, res = verify_cli(files[0], files[2])
+    assert res["skipped"] > 0 and [e["kind"] for e in res["errors"]] == ["part"], res
+    # The replay server serves the parts as one recording: every checksum verifies.
+    replayed = start_replay(cfg, "--file", *map(str, files))
+    try:
+        log = replayed.proc.log()
+        assert f"and {len(files) - 1} more part(s)" in log and "every checksum verifies" in log
+    finally:
+        replayed.stop()
+    # ... and refuses parts out of order, saying which.
+    p = subprocess.run([sys.executable, "-m", "replay", "--config", str(cfg), "--port", "0",
+                        "--file", str(files[1]), str(files[0])], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert f"{files[0]}: not the part after {files[1].name}" in p.stderr, p.stderr
 
 
 def test_gzip_recording_is_complete_after_sigterm(cfg: Path, server: ReplayHandle,

@@ -23,7 +23,7 @@ from replay.faults import (
     FaultState,
     parse_fault,
 )
-from replay.recording import RecordingError, RecordingWriter, read_recording
+from replay.recording import RecordingError, RecordingWriter, read_recording, read_recordings
 from replay.session import Counters, Session, SessionConfig
 from replay.source import BookIndex, RecordingSource, Source, SourceError, SourceEvent
 
@@ -125,6 +125,39 @@ def test_reader_skips_a_truncated_last_line(tmp_path: Path) -> None:
     gz.write_bytes(gzip.compress(text.encode())[:-12])     # a cut gzip stream
     rec = read_recording(gz)
     assert rec.truncated_tail == 1
+
+
+def test_rotated_parts_join_in_order_and_nothing_else_joins(tmp_path: Path) -> None:
+    def part(name: str, continues: str | None, sym: str, prec: tuple[int, int], rx: int,
+             depth: int = 10) -> Path:
+        p = tmp_path / name
+        with RecordingWriter(p, symbols=[sym], depth=depth, precisions={sym: prec},
+                             continues=continues) as w:
+            w.write_frame(rx, b'{"channel":"heartbeat"}')
+            w.write_frame(rx + 1, b'{"channel":"trade","data":[]}')
+        return p
+
+    a = part("r.0001.ndjson", None, "A/B", (1, 8), 10)
+    b = part("r.0002.ndjson.gz", "r.0001.ndjson", "C/D", (2, 4), 20)
+    c = part("r.0003.ndjson", "r.0002.ndjson.gz", "A/B", (3, 8), 30)
+    rec = read_recordings([a, b, c])
+    assert rec.path == str(a) and rec.parts == [str(a), str(b), str(c)]
+    assert [f.rx_ns for f in rec.frames] == [10, 11, 20, 21, 30, 31]
+    assert [rec.file_of(i) for i in range(6)] == [str(p) for p in (a, a, b, b, c, c)]
+    assert rec.symbols == ("A/B", "C/D") and rec.precisions == {"A/B": (3, 8), "C/D": (2, 4)}
+    assert read_recording(b).continues == "r.0001.ndjson" and read_recording(a).continues is None
+
+    with pytest.raises(RecordingError, match=r"r\.0003\.ndjson: not the part after "
+                                             r"r\.0001\.ndjson: its header says it "
+                                             r"continues r\.0002"):
+        read_recordings([a, c])
+    with pytest.raises(RecordingError, match="not a rotated part"):
+        read_recordings([a, part("other.ndjson", None, "A/B", (1, 8), 40)])
+    with pytest.raises(RecordingError, match="depth 25 differs from 10"):
+        read_recordings([a, part("r.9.ndjson", "r.0001.ndjson", "A/B", (1, 8), 50, 25)])
+    with pytest.raises(RecordingError, match="header continues must be"):
+        read_recording(_write(tmp_path / "x.ndjson", HEADER.replace('"depth"',
+                                                                    '"continues":7,"depth"')))
 
 
 def test_recording_source_precisions_from_instrument_frame(tmp_path: Path) -> None:
