@@ -115,6 +115,32 @@ def _percentiles(lat: array) -> dict:
             "hist_log10_us": {"counts": hist.tolist(), "edges": edges.tolist()}}
 
 
+class Buckets:
+    """Event counts per time bucket, in two int64 arrays (16 bytes a bucket: a dict of
+    ints took ~100, which a 30-minute soak saw as the subscriber's RSS growing)."""
+
+    def __init__(self) -> None:
+        self.keys = array("q")
+        self.counts = array("q")
+
+    def add(self, bucket: int, count: int) -> None:
+        if self.keys and self.keys[-1] == bucket:
+            self.counts[-1] += count
+        else:
+            self.keys.append(bucket)
+            self.counts.append(count)
+
+    def items(self, cur_bucket: int = 0, cur_count: int = 0) -> list[tuple[int, int]]:
+        """(bucket, count) sorted by bucket, summed per bucket (the clock may step back),
+        with the bucket still being counted."""
+        out: dict[int, int] = {}
+        for k, n in zip(self.keys, self.counts, strict=True):
+            out[k] = out.get(k, 0) + n
+        if cur_count:
+            out[cur_bucket] = out.get(cur_bucket, 0) + cur_count
+        return sorted(out.items())
+
+
 class Tally:
     """Everything the subscriber counts; `drain` is the per-message hot loop."""
 
@@ -130,7 +156,7 @@ class Tally:
         self.cur_bucket = self.cur_count = 0
         self.last_seq: dict[bytes, tuple[int, int]] = {}   # topic -> (epoch, seq)
         self.stats: dict[str, dict] = {}
-        self.buckets: dict[int, int] = {}     # 100 ms bucket (unix ns // 1e8) -> events
+        self.buckets = Buckets()              # events per 100 ms (unix ns // 1e8)
         self.window = False
         self.win_conn: int | None = None     # count only this ingest connection's events
         self.lat = array("q")
@@ -186,7 +212,7 @@ class Tally:
                 pc[2] = now
                 if now // 100_000_000 != cur_bucket:
                     if cur_count:
-                        buckets[cur_bucket] = buckets.get(cur_bucket, 0) + cur_count
+                        buckets.add(cur_bucket, cur_count)
                     cur_bucket, cur_count = now // 100_000_000, 0
                 cur_count += 1
                 if window and (win_conn is None or conn == win_conn):
@@ -258,10 +284,7 @@ class Tally:
                 per_conn={str(k): v for k, v in self.per_conn.items()}, stats=self.stats,
                 cpu_s=ru.ru_utime + ru.ru_stime)
             if req.get("buckets"):
-                all_b = dict(self.buckets)
-                if self.cur_count:
-                    all_b[self.cur_bucket] = all_b.get(self.cur_bucket, 0) + self.cur_count
-                reply["buckets"] = sorted(all_b.items())
+                reply["buckets"] = self.buckets.items(self.cur_bucket, self.cur_count)
         return reply, running
 
 

@@ -76,6 +76,19 @@ def test_counts_checks_and_latency():
     assert running and reply["window"]["count"] == 10 and reply["total"] == 10
 
 
+def test_buckets_count_per_100ms_across_drains():
+    core = BusCore(epoch=111)
+    tally = Tally(check_every=1000)
+    evs = [_stamp(core, _l2("BTC/USD", i, snapshot=i == 0)) for i in range(7)]
+    _feed(tally, evs[:3], now=5 * 10**8 + 1)       # bucket 5
+    _feed(tally, evs[3:5], now=5 * 10**8 + 2)      # bucket 5 again: one row
+    _feed(tally, evs[5:6], now=7 * 10**8)          # bucket 7
+    _feed(tally, evs[6:], now=6 * 10**8)           # the clock stepped back: bucket 6
+    reply, _ = tally.control({"cmd": "get", "buckets": True}, 0)
+    assert reply["buckets"] == [(5, 5), (6, 1), (7, 1)]
+    assert len(tally.buckets.keys) == 2  # the bucket being counted is not stored yet
+
+
 def test_seq_jumps_within_an_epoch_are_loss_a_new_epoch_is_not():
     core = BusCore(epoch=111)
     msgs = [_stamp(core, _l2("BTC/USD", i)) for i in range(10)]
