@@ -143,8 +143,7 @@ class Recorder:
     """Frames in on the event loop (`rx`, `tx`), a recording out from a thread.
 
     `open_writer(path, *, symbols, depth, precisions, url, started_utc, clock, continues)`
-    makes
-    the writer of one file (default `RecordingWriter`; tests inject their own). It
+    makes the writer of one file (default `RecordingWriter`; tests inject their own). It
     needs `write_frame(rx_ns, frame, tx=)`, `flush()`, `close()`, `size()`, and the
     counters `bytes`, `raw_frames`.
     """

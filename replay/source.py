@@ -379,10 +379,13 @@ class RecordingSource(Source):
                    f"{bad} book frames do NOT verify (checksum {st['source_checksum_mismatches']}"
                    f", book {st['source_book_errors']}, decode {st['source_decode_errors']})")
         parts = f" and {len(r.parts) - 1} more part(s)" if len(r.parts) > 1 else ""
+        alone = (f"; it is a rotated part that continues {r.continues}: its updates before "
+                 "a snapshot have no book (give the parts from the first, in order)"
+                 if r.continues and len(r.parts) == 1 else "")
         return (f"recording {r.path}{parts}: {len(self.symbols)} symbol(s) "
                 f"{', '.join(self.symbols)} at depth {self.depth}, {len(self.events_list)} data "
                 f"frames ({books} book, {verdict}) over {span:.1f} s; skipped "
-                f"{r.skipped_raw} raw, {r.skipped_tx} client-sent")
+                f"{r.skipped_raw} raw, {r.skipped_tx} client-sent{alone}")
 
 
 def _instrument_precisions(frame: bytes) -> dict[str, tuple[int, int]]:

@@ -435,6 +435,12 @@ def test_rotation_by_size(cfg: Path, server: ReplayHandle, work: Path) -> None:
         assert f"and {len(files) - 1} more part(s)" in log and "every checksum verifies" in log
     finally:
         replayed.stop()
+    # A later part alone is served, with a warning that it cannot build books.
+    alone = start_replay(cfg, "--file", str(files[1]))
+    try:
+        assert f"a rotated part that continues {files[0].name}" in alone.proc.log()
+    finally:
+        alone.stop()
     # ... and refuses parts out of order, saying which.
     p = subprocess.run([sys.executable, "-m", "replay", "--config", str(cfg), "--port", "0",
                         "--file", str(files[1]), str(files[0])], cwd=ROOT,
