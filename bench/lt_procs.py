@@ -293,10 +293,13 @@ def make_recordings(specs: dict[str, tuple[int, int, float, int]], children: Chi
 
     `specs`: name -> (pairs, depth, rate, book messages). Generated in parallel child
     processes into a cache dir; a recording is reused when its args and the bytes of
-    replay/synthetic.py are unchanged (the writer is deterministic).
+    the generator (replay/synthetic/*.py) are unchanged (the writer is deterministic).
     """
     CACHE.mkdir(parents=True, exist_ok=True)
-    gen_hash = hashlib.sha1((ROOT / "replay" / "synthetic.py").read_bytes()).hexdigest()[:8]
+    gen = hashlib.sha1()
+    for src in sorted((ROOT / "replay" / "synthetic").glob("*.py")):
+        gen.update(src.read_bytes())
+    gen_hash = gen.hexdigest()[:8]
     out: dict[str, Recording] = {}
     pending = []
     for name, (pairs, depth, rate, msgs) in specs.items():

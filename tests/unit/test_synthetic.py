@@ -1,4 +1,4 @@
-"""The synthetic market (replay/synthetic.py): reproducible, Kraken-shaped, checksums right.
+"""The synthetic market (replay/synthetic/): reproducible, Kraken-shaped, checksums right.
 
 Every book frame goes through the real decoder (ingest.wire.decode_book) and a client
 `Book` at the subscribed depth, exactly as bookd would consume it.

@@ -1,0 +1,5 @@
+"""`python -m replay.synthetic`: see replay/synthetic/record.py."""
+
+from .record import main
+
+raise SystemExit(main())
