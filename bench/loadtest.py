@@ -211,10 +211,13 @@ def search(pipe: Pipeline, rec, rates: list[int], ceiling: float, sc: dict,  # n
             i -= 1
 
 
-def run_scenario(children: Children, name: str, rec, sc: dict) -> dict:  # noqa: ANN001
+def run_scenario(children: Children, name: str, rec, sc: dict,  # noqa: ANN001
+                 sub_transport: str = "ipc") -> dict:
     log(f"pipeline {name}: {TITLES[name]} ({rec.path.name})")
-    pipe = Pipeline(children, name, rec.symbols, rec.depth, log=log)
-    result: dict = {"name": name, "title": TITLES[name], "namespace": pipe.ns, "errors": []}
+    pipe = Pipeline(children, name, rec.symbols, rec.depth, log=log,
+                    sub_transport=sub_transport)
+    result: dict = {"name": name, "title": TITLES[name], "namespace": pipe.ns, "errors": [],
+                    "subscriber_endpoint": pipe.sub_endpoint}
     try:
         pipe.start()
         burst = pipe.burst(rec)
@@ -339,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--only", nargs="*", default=None,
                     help="parts to run: core baselines d10 d100 p100 (default: all)")
+    ap.add_argument("--sub-transport", choices=("ipc", "tcp"), default="ipc",
+                    help="how the subscriber reaches the bus: its ipc endpoint, as a "
+                         "co-located strategy would (default), or tcp on 127.0.0.1")
     args = ap.parse_args(argv)
     sc = SCALES["quick" if args.quick else "full"]
     parts = set(args.only or ("core", "baselines", "d10", "d100", "p100"))
@@ -363,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             r["baselines"] = run_baselines(children, recs["d10"], sc)
         for name in ("d10", "d100", "p100"):
             if name in parts:
-                r["scenarios"][name] = run_scenario(children, name, recs[name], sc)
+                r["scenarios"][name] = run_scenario(children, name, recs[name], sc,
+                                                    args.sub_transport)
         for st in r["scenarios"].get("d10", {}).get("steps", []):
             if "raw_us" in st:
                 latency_raw = st.pop("raw_us")

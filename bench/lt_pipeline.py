@@ -2,13 +2,14 @@
 
 A `Pipeline` starts bus, bookd, the subscriber (bench/subscriber.py) and ingest on a
 bench config (lt_procs.bench_config), then runs a `burst` (one pass of the recording at
-`--speed max`, see its docstring) and *steps*. A step starts the replay server
-on the scenario's port with one recording at one `--speed` (`--loop`, so a short
-recording covers any duration), waits for ingest's new connection to deliver events,
-warms up, opens a measurement window of `seconds`, then arms the replay fault `stall`
-(no more data frames; nothing in flight is lost), reads the server's final
-`data_frames` counter, waits until the subscriber has drained, and stops the server.
-ingest reconnects to the next step's server within ~0.2 s.
+`--speed max`, see its docstring) and *steps*. The subscriber connects to the bus's ipc
+endpoint, as a co-located strategy would (`sub_transport="tcp"`: 127.0.0.1 instead).
+A step starts the replay server on the scenario's port with one recording at one
+`--speed` (`--loop`, so a short recording covers any duration), waits for ingest's new
+connection to deliver events, warms up, opens a measurement window of `seconds`, then
+arms the replay fault `stall` (no more data frames; nothing in flight is lost), reads
+the server's final `data_frames` counter, waits until the subscriber has drained, and
+stops the server. ingest reconnects to the next step's server within ~0.2 s.
 
 Per step:
 
@@ -44,6 +45,7 @@ from lt_procs import (
     wait_for_line,
 )
 
+from ingest.config import load_config
 from replay.control import ReplayControl
 
 ROLES = ("replay", "ingest", "bookd", "bus", "subscriber")
@@ -51,7 +53,7 @@ ROLES = ("replay", "ingest", "bookd", "bus", "subscriber")
 
 class Pipeline:
     def __init__(self, children: Children, name: str, symbols: list[str], depth: int,
-                 log=print) -> None:  # noqa: ANN001
+                 log=print, sub_transport: str = "ipc") -> None:  # noqa: ANN001
         self.children = children
         self.name = name
         self.symbols = symbols
@@ -63,6 +65,8 @@ class Pipeline:
         self.cfg = self.run_dir / "bench.toml"
         bench_config(self.cfg, self.run_dir, self.ns, symbols, depth, self.ports)
         self.url = f"ws://127.0.0.1:{self.ports[3]}/v2"
+        self.sub_endpoint = (load_config(self.cfg).ipc("bus.json") if sub_transport == "ipc"
+                             else f"tcp://127.0.0.1:{self.ports[0]}")
         self.procs: dict[str, Child] = {}
         self.sub: SubscriberClient | None = None
         self.steps: list[dict] = []
@@ -77,7 +81,7 @@ class Pipeline:
         self.procs["bookd"] = c.spawn("bookd", ["-m", "bookd", "--config", cfg])
         ctl = f"ipc://{self.run_dir}/sub.ctl"
         self.procs["subscriber"] = c.spawn("subscriber", [
-            "bench/subscriber.py", "--endpoint", f"tcp://127.0.0.1:{self.ports[0]}",
+            "bench/subscriber.py", "--endpoint", self.sub_endpoint,
             "--control", ctl, "--check-every", "16"])
         self.sub = SubscriberClient(ctl)
         deadline = time.monotonic() + 30
