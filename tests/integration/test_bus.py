@@ -1,5 +1,6 @@
 """The bus process end to end: `python -m bus --config <tmp toml>` as a subprocess, a
-producer PUSHing EVENT messages to its `bus.in`, subscribers on its public sockets.
+producer PUSHing EVENT messages to its `bus.in`, subscribers on its public sockets
+(helpers and fixtures: bushelp.py; `bus.tail`: test_bus_tail.py).
 
 Every bus here has its own namespace (never containing "krakenfeed"), a short temp run
 directory and free ports (`harness.make_config`). Waits are bounded by `wait_for` or
@@ -11,27 +12,16 @@ publishes warm-up messages until the subscriber receives one.
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import subprocess
-import sys
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import pytest
 import zmq
 
 from bus import schema
 from bus.schema import (
-    HaltDecision,
-    HaltTrigger,
     MarketDataL2Event,
-    MarketDataOHLCVEvent,
-    MarketDataTradeEvent,
-    PotentialHaltTriggerEvent,
     StatsEvent,
     SystemStateEvent,
     decode_envelope_json,
@@ -39,245 +29,24 @@ from bus.schema import (
     l2_to_ticks,
     split_frame,
     subscription_prefix,
-    topic_for,
 )
-from ingest.config import Config, load_config
 from ingest.messages import HEADER_SIZE, pack_event
-from tests.integration.harness import (
-    ROOT,
-    LoggedPopen,
-    _env,
-    make_config,
-    stop_process,
-    wait_for,
+from tests.integration.bushelp import (
+    EVERY_EVENT,
+    TIMEOUT,
+    BusProcess,
+    Msg,
+    Producer,
+    ask_cache,
+    book,
+    candle,
+    drain,
+    subscriber,
+    system,
+    trade,
+    warm_up,
 )
-
-_enc = msgspec.json.Encoder()
-TIMEOUT = 10.0  # bound of every wait; never reached when things work
-
-
-# ------------------------------------------------------------------------------------
-# events a producer would publish
-
-def book(pair: str, i: int, depth: int = 10) -> MarketDataL2Event:
-    """A realistic depth-`depth` book whose best bid/ask encode `i` (unique per i)."""
-    base = 45_000 + i
-    bids = [(f"{base - k}.{(i + k) % 10}", f"{(k + 1) * 0.137 + i % 7:.8f}")
-            for k in range(depth)]
-    asks = [(f"{base + 1 + k}.{(i + k) % 10}", f"{(k + 2) * 0.211 + i % 5:.8f}")
-            for k in range(depth)]
-    return MarketDataL2Event(
-        pair=pair, timestamp="2026-08-16T23:37:03.745044Z", bids=bids, asks=asks,
-        checksum=(i * 2654435761) % 2**32, conn_id=1, exchange_ts_ns=1786923423745044000,
-        recv_ns=1786923423746000000 + i, snapshot=i == 0, depth=depth, price_precision=1,
-        qty_precision=8)
-
-
-def trade(pair: str, i: int) -> MarketDataTradeEvent:
-    return MarketDataTradeEvent(
-        pair=pair, trade_id=i, side="buy" if i % 2 else "sell", price=f"{45_000 + i}.5",
-        qty="0.00005100", ord_type="limit", timestamp="2026-08-16T23:37:03.745044Z",
-        recv_ns=1786923423746000000 + i)
-
-
-def candle(pair: str, i: int) -> MarketDataOHLCVEvent:
-    return MarketDataOHLCVEvent(
-        pair=pair, interval="1m", timestamp="2026-08-16T23:37:00.000000000Z",
-        open="45000.0", high=f"{45_000 + i}.0", low="44999.9", close=f"{45_000 + i}.0",
-        volume="1.25000000", vwap="45000.2", count=i, closed=False, recv_ns=1 + i)
-
-
-def system(i: int) -> SystemStateEvent:
-    return SystemStateEvent(timestamp="2026-08-16T23:37:03.000000000Z", service_name="test",
-                            status_code="CONNECTED", status_message=f"warm-up {i}")
-
-
-# Every event type, with values a float would get wrong in the book.
-EXACT_BOOK = MarketDataL2Event(
-    pair="MEME/USD", timestamp=None,
-    bids=[("1234567890.12345678", "184467440737.09551615"), ("0.00000001", "0.00005100")],
-    asks=[("1234567890.12345679", "99999999999.99999999")],
-    checksum=3310070434, conn_id=2**64 - 1, exchange_ts_ns=None, recv_ns=1, snapshot=True,
-    depth=10, price_precision=8, qty_precision=8)
-EVERY_EVENT: list[Any] = [
-    book("BTC/USD", 3), EXACT_BOOK, trade("BTC/USD", 4665906), candle("ETH/USD", 12),
-    SystemStateEvent(timestamp="2026-08-16T23:37:03.402652000Z", service_name="test",
-                     status_code="online", status_message='engine "online" \\o/ €',
-                     pair=None),
-    PotentialHaltTriggerEvent(
-        timestamp="2026-08-16T23:40:00.000000000Z", source_module="test",
-        error_code="CHECKSUM_MISMATCHES", reason="5 checksum mismatches in 60 s",
-        details="last: local 1234 != exchange 4249465476", pair="BTC/USD"),
-    StatsEvent(timestamp="2026-08-16T23:37:10.000000000Z", process="test", pid=4242,
-               counters={"frames": 1830, "drops": 0}, gauges={"lag_ms": 0.4}),
-    HaltDecision(timestamp="2026-08-16T23:40:00.500000000Z", reason="test halt",
-                 triggers=[HaltTrigger(source="test", error_code="X", reason="r",
-                                       pair=None, at="2026-08-16T23:40:00.000000000Z")],
-                 stopped=["ingest", "bookd", "bus"]),
-]
-
-
-# ------------------------------------------------------------------------------------
-# processes and sockets
-
-class BusProcess:
-    """`python -m bus --config CFG`, ready once it logged its epoch (sockets bound)."""
-
-    def __init__(self, cfg_path: Path) -> None:
-        self.cfg_path = cfg_path
-        self.cfg: Config = load_config(cfg_path)
-        self.proc = LoggedPopen([sys.executable, "-m", "bus", "--config", str(cfg_path)],
-                                ready_text="bus: epoch ")
-        if not self.proc.ready.wait(TIMEOUT) or self.proc.ready_line is None:
-            stop_process(self.proc)
-            raise RuntimeError(f"the bus did not start:\n{self.proc.log()}")
-        m = re.search(r"bus: epoch (\d+)", self.proc.ready_line)
-        assert m, self.proc.ready_line
-        self.epoch = int(m.group(1))
-
-    def endpoint(self, key: str) -> str:
-        return f"tcp://127.0.0.1:{self.cfg.port('bus', key)}"
-
-    json_ep = property(lambda self: self.endpoint("json_port"))
-    msgpack_ep = property(lambda self: self.endpoint("msgpack_port"))
-    cache_ep = property(lambda self: self.endpoint("cache_port"))
-
-    def stop(self) -> int:
-        return stop_process(self.proc)
-
-
-class Producer:
-    """What ingest and bookd are to the bus: a PUSH to `bus.in`, EVENT messages."""
-
-    def __init__(self, ctx: zmq.Context, cfg: Config) -> None:
-        self.sock = ctx.socket(zmq.PUSH)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 1_000_000)
-        self.sock.connect(cfg.ipc("bus.in"))
-        self.counts: dict[str, int] = {}
-
-    def send(self, event: Any) -> int:
-        """Publish one event; returns how many this producer sent on its topic."""
-        topic = topic_for(event)
-        self.sock.send(pack_event(topic, type(event).__name__, _enc.encode(event)))
-        self.counts[topic] = self.counts.get(topic, 0) + 1
-        return self.counts[topic]
-
-    def close(self) -> None:
-        self.sock.close(0)
-
-
-class Msg:
-    """One received bus message: topic, the raw payload and the envelope as a dict."""
-
-    __slots__ = ("topic", "payload", "env")
-
-    def __init__(self, frame: bytes) -> None:
-        self.topic, self.payload = split_frame(frame)
-        self.env = json.loads(self.payload)
-        assert self.env["topic"] == self.topic
-
-    seq = property(lambda self: self.env["seq"])
-    epoch = property(lambda self: self.env["epoch"])
-
-
-def subscriber(ctx: zmq.Context, endpoint: str, *prefixes: bytes, rcvhwm: int | None = None,
-               rcvbuf: int | None = None) -> zmq.Socket:
-    sock = ctx.socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    if rcvhwm is not None:
-        sock.setsockopt(zmq.RCVHWM, rcvhwm)
-    if rcvbuf is not None:
-        sock.setsockopt(zmq.RCVBUF, rcvbuf)
-    for p in prefixes:
-        sock.setsockopt(zmq.SUBSCRIBE, p)
-    sock.connect(endpoint)
-    return sock
-
-
-def drain(sock: zmq.Socket, wait_ms: int = 0) -> list[bytes]:
-    """Everything queued on `sock` (waiting up to `wait_ms` for the first frame)."""
-    out: list[bytes] = []
-    if wait_ms and not sock.poll(wait_ms):
-        return out
-    while True:
-        try:
-            out.append(sock.recv(zmq.NOBLOCK))
-        except zmq.Again:
-            return out
-
-
-def warm_up(producer: Producer, subs: list[zmq.Socket], make: Callable[[int], Any],
-            accept: Callable[[bytes], bool] = lambda f: True) -> list[list[bytes]]:
-    """Publish `make(i)` until every subscriber has received an accepted frame (its
-    subscription is in effect). Returns what each received meanwhile."""
-    got: list[list[bytes]] = [[] for _ in subs]
-    i = 0
-
-    def done() -> bool:
-        nonlocal i
-        i += 1
-        producer.send(make(i))
-        for k, s in enumerate(subs):
-            got[k] += drain(s, 10)
-        return all(any(accept(f) for f in g) for g in got)
-
-    wait_for(done, TIMEOUT, "subscriptions to take effect", interval=0.01)
-    return got
-
-
-def ask_cache(ctx: zmq.Context, endpoint: str, prefix: bytes) -> dict:
-    """The last-value cache recipe: one REQ frame with a topic prefix, one JSON reply."""
-    req = ctx.socket(zmq.REQ)
-    req.setsockopt(zmq.LINGER, 0)
-    req.connect(endpoint)
-    try:
-        req.send(prefix)
-        assert req.poll(int(TIMEOUT * 1000)), f"no cache reply from {endpoint}"
-        return json.loads(req.recv())
-    finally:
-        req.close(0)
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
-def _start(tmp: Path, **bus: Any) -> BusProcess:
-    return BusProcess(make_config(tmp, ["BTC/USD", "BTC/USDT", "ETH/USD"],
-                                  bus={"stats_interval_s": 0.2, **bus}))
-
-
-@pytest.fixture(scope="module")
-def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BusProcess]:
-    """One bus shared by the tests that do not restart it or shrink its queues."""
-    b = _start(tmp_path_factory.mktemp("bus"))
-    try:
-        yield b
-    finally:
-        rc = b.stop()
-        shutil.rmtree(b.cfg.run_path, ignore_errors=True)
-        assert rc == 0, f"bus exited {rc}:\n{b.proc.log()}"
-
-
-@pytest.fixture
-def own_bus(tmp_path: Path) -> Iterator[Callable[..., BusProcess]]:
-    """Start a bus of this test's own (with `[bus]` overrides); stopped at the end."""
-    started: list[BusProcess] = []
-
-    def start(**bus_overrides: Any) -> BusProcess:
-        b = _start(tmp_path, **bus_overrides)
-        started.append(b)
-        return b
-
-    yield start
-    for b in started:
-        stop_process(b.proc)
-        shutil.rmtree(b.cfg.run_path, ignore_errors=True)
-
+from tests.integration.harness import wait_for
 
 # ------------------------------------------------------------------------------------
 # topics
@@ -618,102 +387,3 @@ def test_bad_producer_messages_are_counted_not_fatal(bus: BusProcess, ctx: zmq.C
         assert bus.proc.poll() is None
     finally:
         producer.close()
-
-
-# ------------------------------------------------------------------------------------
-# python -m bus.tail
-
-def _tail(cfg: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bus.tail", "--config", str(cfg), *args],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-class _Background:
-    """A thread publishing `make(i)` for i = 1, 2, ... until closed."""
-
-    def __init__(self, producer: Producer, *makers: Callable[[int], Any],
-                 pause: float = 0.002) -> None:
-        self.stop = threading.Event()
-        self.producer = producer
-
-        def run() -> None:
-            i = 0
-            while not self.stop.wait(pause):
-                i += 1
-                for make in makers:
-                    producer.send(make(i))
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.producer.close()
-
-
-def test_tail_prints_json_envelopes_and_exits_0(bus: BusProcess, ctx: zmq.Context):
-    bg = _Background(Producer(ctx, bus.cfg), lambda i: trade("ETH/USD", i))
-    try:
-        out = _tail(bus.cfg_path, "--count", "3", "--json")
-    finally:
-        bg.close()
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert len(lines) == 3
-    for line in lines:
-        env, _ = decode_envelope_json(line.encode())
-        assert env.epoch == bus.epoch
-
-
-def test_tail_topic_prints_only_that_pair(bus: BusProcess, ctx: zmq.Context):
-    bg = _Background(Producer(ctx, bus.cfg), lambda i: book("BTC/USDT", i),
-                     lambda i: book("BTC/USD", i))
-    try:
-        wait_for(lambda: len(ask_cache(ctx, bus.cache_ep, b"book.BTC/USDT")["messages"]),
-                 TIMEOUT, "a BTC/USDT book in the cache")
-        out = _tail(bus.cfg_path, "--topic", "book.BTC/USD", "--count", "5", "--json")
-        readable = _tail(bus.cfg_path, "--topic", "book.BTC/USD", "--count", "2")
-    finally:
-        bg.close()
-    assert out.returncode == 0, out.stderr
-    envs = [json.loads(line) for line in out.stdout.splitlines()]
-    assert len(envs) == 5
-    assert {e["topic"] for e in envs} == {"book.BTC/USD"}
-    assert {e["event"]["pair"] for e in envs} == {"BTC/USD"}
-    # The cached one first, then live ones: stitched without gap or duplicate.
-    seqs = [e["seq"] for e in envs]
-    assert seqs == list(range(seqs[0], seqs[0] + 5))
-    assert readable.returncode == 0, readable.stderr
-    lines = readable.stdout.splitlines()
-    assert len(lines) == 2 and all(line.startswith("BTC/USD  bid ") for line in lines)
-
-
-def test_tail_stitches_cache_and_live_without_gap_on_a_busy_topic(bus: BusProcess,
-                                                                   ctx: zmq.Context):
-    # Asked before its subscription is in effect, the cache misses what the bus
-    # publishes in between: on a busy topic that shows as a seq gap after the first line.
-    bg = _Background(Producer(ctx, bus.cfg), lambda i: book("SOL/USD", i), pause=0.0002)
-    try:
-        runs = [_tail(bus.cfg_path, "--topic", "book.SOL/USD", "--count", "30", "--json")
-                for _ in range(3)]
-    finally:
-        bg.close()
-    for out in runs:
-        assert out.returncode == 0, out.stderr
-        seqs = [json.loads(line)["seq"] for line in out.stdout.splitlines()]
-        assert seqs == list(range(seqs[0], seqs[0] + 30)), seqs[:5]
-
-
-def test_tail_without_a_bus_exits_1_with_a_clear_message(tmp_path: Path):
-    cfg = make_config(tmp_path, ["BTC/USD"])
-    try:
-        out = _tail(cfg, "--count", "3", "--json", "--timeout", "1", timeout=20)
-    finally:
-        shutil.rmtree(load_config(cfg).run_path, ignore_errors=True)
-    assert out.returncode == 1
-    assert out.stdout == ""
-    port = load_config(cfg).port("bus", "cache_port")
-    assert "no bus answered" in out.stderr and str(port) in out.stderr
-    assert "Traceback" not in out.stderr

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import zmq
 
+from tests.integration.bushelp import BusProcess, Producer, book
 from tests.integration.harness import ROOT, _env, make_config
-from tests.integration.test_bus import BusProcess, Producer, book
 
 EXAMPLES = ROOT / "examples"
 NODE_DIR = EXAMPLES / "node"
