@@ -76,10 +76,13 @@ SCALES = {
         "core_reps": 15, "core_synthetic": 5000,
         "baseline_max_s": 15.0,
         "step_s": 10.0, "latency_s": 10.0, "reader_s": 3.0,
-        "d10_rates": [10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 70_000, 80_000,
-                      90_000, 100_000, 110_000, 120_000, 140_000], "d10_max_steps": 8,
-        "other_rates": [5_000, 10_000, 15_000, 20_000, 30_000, 40_000, 50_000, 60_000,
-                        80_000, 100_000], "other_max_steps": 5,
+        # 5 k apart where this machine's figures fall (a 10 k grid reported 30 k for a
+        # pipeline that held 35 k), coarser beyond.
+        "d10_rates": [10_000, 20_000, 25_000, 30_000, 35_000, 40_000, 45_000, 50_000,
+                      55_000, 60_000, 70_000, 80_000, 90_000, 100_000, 120_000, 140_000],
+        "d10_max_steps": 8,
+        "other_rates": [5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 35_000, 40_000,
+                        45_000, 50_000, 60_000, 80_000, 100_000], "other_max_steps": 5,
         "retry": True, "deadline_s": 500.0, "start_frac": 1.0,
     },
 }
