@@ -244,7 +244,10 @@ def run_scenario(children: Children, name: str, rec, sc: dict,  # noqa: ANN001
     result["buckets"] = getattr(pipe, "buckets", [])
     held = [s for s in steps if s["held"] and s["seconds"] >= sc["step_s"]]
     best = max(held, key=lambda s: s["nominal_msgs_per_s"], default=None)
-    result["sustained_msgs_per_s"] = best["nominal_msgs_per_s"] if best else 0
+    tried = any(s["label"] != "max" for s in steps)  # a fixed rate ran (bench-quick's
+    # budget may leave a scenario none): 0 = none held, None = not measured
+    result["sustained_msgs_per_s"] = best["nominal_msgs_per_s"] if best else (
+        0 if tried else None)
     result["sustained_step"] = best["label"] if best else None
     result["sustained_lost"] = best["lost"] if best else (steps[-1]["lost"] if steps else None)
     mx = next((s for s in steps if s["label"] == "max"), None)
@@ -272,7 +275,7 @@ def summarize(r: dict) -> dict:
     pks = base.get("pks", {})
     lat_step = next((s for s in d10.get("steps", []) if s["label"] == "10k"), {})
     lat = lat_step.get("latency", {})
-    pipe = d10.get("sustained_msgs_per_s", 0)
+    pipe = d10.get("sustained_msgs_per_s") or 0
     seed_rate = seed.get("msgs_per_s", 0.0)
     pks_rate = pks.get("msgs_per_s", 0.0)
     pipeline_mism = sum(s.get("mismatches", 0) for s in sc.values())

@@ -91,7 +91,8 @@ def table(r: dict) -> str:
                  "peak RSS MB (replay, ingest, bookd, bus, subscriber)")
     for sc in r["scenarios"].values():
         rss = sc.get("peak_rss_mb", {})
-        lines.append(f"{sc['name']:<9}{_f(sc.get('sustained_msgs_per_s')):>11}"
+        sus = sc.get("sustained_msgs_per_s")
+        lines.append(f"{sc['name']:<9}{'none held' if sus == 0 else _f(sus):>11}"
                      f"{_f(sc.get('burst_msgs_per_s')):>10}{_f(sc.get('burst_lost')):>11}   "
                      + ", ".join(f"{k} {_f(rss.get(k), '.0f')}" for k in
                                  ("replay", "ingest", "bookd", "bus", "subscriber")))
