@@ -215,7 +215,7 @@ def search(pipe: Pipeline, rec, rates: list[int], ceiling: float, sc: dict,  # n
 
 
 def run_scenario(children: Children, name: str, rec, sc: dict,  # noqa: ANN001
-                 sub_transport: str = "ipc") -> dict:
+                 sub_transport: str) -> dict:
     log(f"pipeline {name}: {TITLES[name]} ({rec.path.name})")
     pipe = Pipeline(children, name, rec.symbols, rec.depth, log=log,
                     sub_transport=sub_transport)
@@ -244,8 +244,9 @@ def run_scenario(children: Children, name: str, rec, sc: dict,  # noqa: ANN001
     result["buckets"] = getattr(pipe, "buckets", [])
     held = [s for s in steps if s["held"] and s["seconds"] >= sc["step_s"]]
     best = max(held, key=lambda s: s["nominal_msgs_per_s"], default=None)
-    tried = any(s["label"] != "max" for s in steps)  # a fixed rate ran (bench-quick's
-    # budget may leave a scenario none): 0 = none held, None = not measured
+    # 0: fixed rates ran and none held; None: none ran (bench-quick's step budget can
+    # leave a scenario without one)
+    tried = any(s["label"] != "max" for s in steps)
     result["sustained_msgs_per_s"] = best["nominal_msgs_per_s"] if best else (
         0 if tried else None)
     result["sustained_step"] = best["label"] if best else None

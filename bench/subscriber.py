@@ -117,7 +117,7 @@ def _percentiles(lat: array) -> dict:
 
 class Buckets:
     """Event counts per time bucket, in two int64 arrays (16 bytes a bucket: a dict of
-    ints took ~100, which a 30-minute soak saw as the subscriber's RSS growing)."""
+    ints took ~100, which a soak saw as the subscriber's RSS growing)."""
 
     def __init__(self) -> None:
         self.keys = array("q")
