@@ -174,27 +174,35 @@ def pack_batch(messages: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def unpack_batch(msg: bytes) -> list[bytes]:
-    """The messages inside a BATCH message, in order; raises MessageError if malformed."""
-    if len(msg) < HEADER_SIZE or msg[0] != BATCH:
+def _batch_spans(msg: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each message inside the BATCH `msg`, checked against its framing
+    (count, lengths, no stray bytes); raises MessageError if malformed."""
+    if len(msg) < HEADER_SIZE:
         raise MessageError("not a batch message")
     count = _unpack_from(msg)[3]
-    out = []
+    spans = []
     off = HEADER_SIZE
     end = len(msg)
     unpack_len = _LEN.unpack_from
     for _ in range(count):
         if off + 4 > end:
-            raise MessageError(f"batch cut short after {len(out)} of {count} messages")
+            raise MessageError(f"batch cut short after {len(spans)} of {count} messages")
         (n,) = unpack_len(msg, off)
-        off += 4
-        if off + n > end:
-            raise MessageError(f"batch cut short after {len(out)} of {count} messages")
-        out.append(msg[off:off + n])
-        off += n
+        start = off + 4
+        off = start + n
+        if off > end:
+            raise MessageError(f"batch cut short after {len(spans)} of {count} messages")
+        spans.append((start, off))
     if off != end:
         raise MessageError(f"{end - off} stray bytes after {count} batched messages")
-    return out
+    return spans
+
+
+def unpack_batch(msg: bytes) -> list[bytes]:
+    """The messages inside a BATCH message, in order; raises MessageError if malformed."""
+    if msg[:1] != _BATCH_KIND:
+        raise MessageError("not a batch message")
+    return [msg[start:end] for start, end in _batch_spans(msg)]
 
 
 _BATCH_KIND = bytes([BATCH])
@@ -223,31 +231,16 @@ def unpack_inner(msg: bytes) -> list[tuple[int, int, int, int, int, bytes | str]
     """
     if msg[:1] != _BATCH_KIND:
         return [_record(msg, 0, len(msg))]
-    if len(msg) < HEADER_SIZE:
-        raise MessageError("not a batch message")
-    count = _unpack_from(msg)[3]
     out = []
-    off = HEADER_SIZE
-    end = len(msg)
-    unpack_len = _LEN.unpack_from
     unpack = _unpack_from
-    for _ in range(count):
-        if off + 4 > end:
-            raise MessageError(f"batch cut short after {len(out)} of {count} messages")
-        (n,) = unpack_len(msg, off)
-        start = off + 4
-        off = start + n
-        if off > end:
-            raise MessageError(f"batch cut short after {len(out)} of {count} messages")
-        if n >= HEADER_SIZE:  # _record, inlined for good messages
+    for start, end in _batch_spans(msg):
+        if end - start >= HEADER_SIZE:  # _record, inlined for good messages
             kind, version, pair_index, _, conn_id, seq, recv_ns = unpack(msg, start)
             if version == HEADER_VERSION and kind in KINDS:
                 out.append((kind, pair_index, conn_id, seq, recv_ns,
-                            msg[start + HEADER_SIZE:off]))
+                            msg[start + HEADER_SIZE:end]))
                 continue
-        out.append(_record(msg, start, off))
-    if off != end:
-        raise MessageError(f"{end - off} stray bytes after {count} batched messages")
+        out.append(_record(msg, start, end))
     return out
 
 
