@@ -34,7 +34,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
 
 import msgspec
 import zmq
@@ -135,6 +137,15 @@ class BusCore:
         msgs = [t.last[t.last.index(b" ") + 1:] for name, t in sorted(self.topics.items())
                 if t.last is not None and name.startswith(prefix)]
         return b'{"epoch":%d,"messages":[%s]}' % (self.epoch, b",".join(msgs))
+
+
+def _queued(recv: Callable[[int], Any]) -> Iterator[Any]:
+    """What a socket has queued: `recv(zmq.NOBLOCK)` until zmq.Again."""
+    while True:
+        try:
+            yield recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def to_msgpack(json_msg: bytes) -> bytes:
@@ -252,21 +263,13 @@ def run(cfg: Config) -> int:
                                 break
                             take(raw)
                 elif sock is mpub:
-                    while True:
-                        try:
-                            sub = mpub.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                    for sub in _queued(mpub.recv):
                         if sub[:1] == b"\x01":
                             msgpack_subs += 1
                         elif sub[:1] == b"\x00":
                             msgpack_subs = max(0, msgpack_subs - 1)
                 elif sock is cache:
-                    while True:
-                        try:
-                            parts = cache.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                    for parts in _queued(cache.recv_multipart):
                         ident, req = parts[0], parts[-1]
                         delim = [b""] if len(parts) > 2 else []
                         cache.send_multipart([ident, *delim, core.cache_reply(req)])
@@ -281,13 +284,7 @@ def run(cfg: Config) -> int:
     finally:
         # Drain: publish what producers already handed over (bounded), then give the
         # PUB sockets a moment to flush before closing.
-        drained = 0
-        for _ in range(50 * DRAIN):
-            try:
-                msg = recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            drained += take(msg)
+        drained = sum(take(msg) for msg in islice(_queued(recv), 50 * DRAIN))
         pub.setsockopt(zmq.LINGER, 200)
         mpub.setsockopt(zmq.LINGER, 200)
         log.info("bus: stopping after %d messages (%d drained at stop)",
