@@ -125,6 +125,11 @@ def test_unreadable_input_exits_2(tmp_path: Path) -> None:
     assert_input_error(run(CAPTURE, missing, "--price-precision", "4", "--qty-precision", "8"),
                        str(missing), "cannot open")
 
+    part = tmp_path / "part.ndjson"  # a rotated part's "continues" must be a file name
+    part.write_text('{"format":"krakenfeed-recording","version":1,"symbols":["A/B"],'
+                    '"depth":10,"precisions":{"A/B":[1,8]},"continues":7}\n')
+    assert_input_error(run(part), str(part), "continues must be the file name")
+
 
 def test_unknown_precision_names_symbol_and_flags() -> None:
     p = run(CAPTURE)
