@@ -215,10 +215,11 @@ def search(pipe: Pipeline, rec, rates: list[int], ceiling: float, sc: dict,  # n
 
 
 def run_scenario(children: Children, name: str, rec, sc: dict,  # noqa: ANN001
-                 sub_transport: str) -> dict:
-    log(f"pipeline {name}: {TITLES[name]} ({rec.path.name})")
+                 sub_transport: str, direct_books: bool = False) -> dict:
+    log(f"pipeline {name}: {TITLES[name]} ({rec.path.name})"
+        + (", bookd publishing book events itself (experiment)" if direct_books else ""))
     pipe = Pipeline(children, name, rec.symbols, rec.depth, log=log,
-                    sub_transport=sub_transport)
+                    sub_transport=sub_transport, direct_books=direct_books)
     result: dict = {"name": name, "title": TITLES[name], "namespace": pipe.ns, "errors": [],
                     "subscriber_endpoint": pipe.sub_endpoint}
     try:
@@ -352,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sub-transport", choices=("ipc", "tcp"), default="ipc",
                     help="how the subscriber reaches the bus: its ipc endpoint, as a "
                          "co-located strategy would (default), or tcp on 127.0.0.1")
+    ap.add_argument("--direct-books", action="store_true",
+                    help="experiment: bookd stamps and publishes book events on its own "
+                         "PUB (bench/bookd_direct.py), the bus carries the rest; use "
+                         "with --out elsewhere, the product is not run this way")
     args = ap.parse_args(argv)
     sc = SCALES["quick" if args.quick else "full"]
     parts = set(args.only or ("core", "baselines", "d10", "d100", "p100"))
@@ -360,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kfbench"))
     children = Children(work)
     r: dict = {"quick": args.quick, "machine": machine_info(), "scenarios": {},
+               "direct_books": args.direct_books,
                "_t0_unix_ns": time.time_ns()}
     r["_children_t0_unix_ns"] = r["_t0_unix_ns"] - int((time.monotonic() - children.t0) * 1e9)
     log(f"krakenfeed load test ({'quick' if args.quick else 'full'}): "
@@ -377,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("d10", "d100", "p100"):
             if name in parts:
                 r["scenarios"][name] = run_scenario(children, name, recs[name], sc,
-                                                    args.sub_transport)
+                                                    args.sub_transport, args.direct_books)
         for st in r["scenarios"].get("d10", {}).get("steps", []):
             if "raw_us" in st:
                 latency_raw = st.pop("raw_us")

@@ -53,7 +53,8 @@ ROLES = ("replay", "ingest", "bookd", "bus", "subscriber")
 
 class Pipeline:
     def __init__(self, children: Children, name: str, symbols: list[str], depth: int,
-                 log=print, sub_transport: str = "ipc") -> None:  # noqa: ANN001
+                 log=print, sub_transport: str = "ipc",  # noqa: ANN001
+                 direct_books: bool = False) -> None:
         self.children = children
         self.name = name
         self.symbols = symbols
@@ -67,6 +68,9 @@ class Pipeline:
         self.url = f"ws://127.0.0.1:{self.ports[3]}/v2"
         self.sub_endpoint = (load_config(self.cfg).ipc("bus.json") if sub_transport == "ipc"
                              else f"tcp://127.0.0.1:{self.ports[0]}")
+        # The experiment of bench/bookd_direct.py: bookd publishes book events itself.
+        self.direct_books = (f"ipc://{self.run_dir}/{self.ns}.books.direct"
+                             if direct_books else "")
         self.procs: dict[str, Child] = {}
         self.sub: SubscriberClient | None = None
         self.steps: list[dict] = []
@@ -78,10 +82,15 @@ class Pipeline:
         c, cfg = self.children, str(self.cfg)
         self.t_start = time.monotonic() - c.t0
         self.procs["bus"] = c.spawn("bus", ["-m", "bus", "--config", cfg])
-        self.procs["bookd"] = c.spawn("bookd", ["-m", "bookd", "--config", cfg])
+        if self.direct_books:
+            self.procs["bookd"] = c.spawn("bookd", ["bench/bookd_direct.py", "--config", cfg,
+                                                    "--pub", self.direct_books])
+        else:
+            self.procs["bookd"] = c.spawn("bookd", ["-m", "bookd", "--config", cfg])
         ctl = f"ipc://{self.run_dir}/sub.ctl"
+        direct = ["--endpoint", self.direct_books] if self.direct_books else []
         self.procs["subscriber"] = c.spawn("subscriber", [
-            "bench/subscriber.py", "--endpoint", self.sub_endpoint,
+            "bench/subscriber.py", "--endpoint", self.sub_endpoint, *direct,
             "--control", ctl, "--check-every", "16"])
         self.sub = SubscriberClient(ctl)
         deadline = time.monotonic() + 30

@@ -290,7 +290,8 @@ class Tally:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--endpoint", required=True, action="append",
+                    help="a PUB to connect to (repeat for several)")
     ap.add_argument("--control", required=True)
     ap.add_argument("--check-every", type=int, default=10)
     args = ap.parse_args(argv)
@@ -302,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"book.")
     sub.setsockopt(zmq.SUBSCRIBE, b"stats ")
-    sub.connect(args.endpoint)
+    for ep in args.endpoint:
+        sub.connect(ep)
     ctl = ctx.socket(zmq.PAIR)
     ctl.setsockopt(zmq.LINGER, 0)
     ctl.bind(args.control)
