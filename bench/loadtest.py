@@ -347,7 +347,9 @@ def _round(x):  # noqa: ANN001, ANN202
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="bench-quick scale (< 90 s)")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where latest.json and the plots go (default bench/results, "
+                         "bench/results/direct-books with --direct-books)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="parts to run: core baselines d10 d100 p100 (default: all)")
     ap.add_argument("--sub-transport", choices=("ipc", "tcp"), default="ipc",
@@ -355,9 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                          "co-located strategy would (default), or tcp on 127.0.0.1")
     ap.add_argument("--direct-books", action="store_true",
                     help="experiment: bookd stamps and publishes book events on its own "
-                         "PUB (bench/bookd_direct.py), the bus carries the rest; use "
-                         "with --out elsewhere, the product is not run this way")
+                         "PUB (bench/bookd_direct.py), the bus carries the rest (the "
+                         "product is not run this way)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = HERE / "results" / ("direct-books" if args.direct_books else "")
     sc = SCALES["quick" if args.quick else "full"]
     parts = set(args.only or ("core", "baselines", "d10", "d100", "p100"))
     args.out.mkdir(parents=True, exist_ok=True)
