@@ -183,16 +183,17 @@ def run_baselines(children: Children, rec, sc: dict) -> dict:  # noqa: ANN001
 
 def search(pipe: Pipeline, rec, rates: list[int], ceiling: float, sc: dict,  # noqa: ANN001
            max_steps: int, held_already: int = 0) -> None:
-    """Find the highest fixed rate held: start at the highest candidate not above
-    `start_frac` x the burst ceiling, go up while held, down while not (full scale: a
-    failing rate gets a second try, the machine is noisy). `held_already`: a rate a
-    previous step held."""
+    """Find the highest fixed rate held, on the `rates` grid (`next_rate`): start at
+    the highest candidate not above `start_frac` x the burst ceiling, go up while every
+    rate tried held, and once one failed, bisect between the highest rate held and the
+    lowest failed (full scale: a failing rate gets a second try, the machine is noisy).
+    `held_already`: a rate a previous step held (the grid starts above it)."""
     rates = sorted(r for r in rates if r > held_already) or rates[-1:]
     below = [i for i, r in enumerate(rates) if r <= ceiling * sc["start_frac"]]
     i = below[-1] if below else 0
-    tried: dict[int, bool] = {}
+    lo, hi = -1, len(rates)  # indices of the highest rate held, the lowest failed
     steps = 0
-    while 0 <= i < len(rates) and steps < max_steps and rates[i] not in tried:
+    while lo < i < hi and steps < max_steps:
         if time.monotonic() - _T0 > sc["deadline_s"]:
             log(f"  {pipe.name}: no more steps (past the {sc['deadline_s']:g} s budget)")
             break
@@ -203,15 +204,17 @@ def search(pipe: Pipeline, rec, rates: list[int], ceiling: float, sc: dict,  # n
             res = pipe.step(f"{rate // 1000}k-2", rec, rate / rec.rate, sc["step_s"],
                             nominal=rate)
             steps += 1
-        tried[rate] = res["held"]
-        if res["held"]:
-            if rates[i + 1:i + 2] and tried.get(rates[i + 1]) is False:
-                break                     # the next one up already failed
-            i += 1
-        else:
-            if i == 0 or tried.get(rates[i - 1]) is True:
-                break                     # the next one down already held
-            i -= 1
+        lo, hi = (i, hi) if res["held"] else (lo, i)
+        i = next_rate(lo, hi, len(rates))
+
+
+def next_rate(lo: int, hi: int, n: int) -> int:
+    """The grid index to try next, given the highest index held (`lo`, -1: none) and the
+    lowest failed (`hi`, n: none) of an n-rate grid; the search is over when the result
+    is not strictly between them. Up one while nothing failed (the start is near the
+    burst ceiling); else the middle (a walk down 5 k at a time, two steps per failing
+    rate, ran out of steps 15 k above what the pipeline held after a high burst)."""
+    return lo + 1 if hi == n else (lo + hi) // 2
 
 
 def run_scenario(children: Children, name: str, rec, sc: dict,  # noqa: ANN001
