@@ -13,8 +13,8 @@ out, which would wait forever for a socket it does not know).
 
 `bench/loadtest.py --direct-books` runs it in place of `python -m bookd` and connects
 the subscriber to ENDPOINT as well as to the bus, to measure what the design step
-"bookd publishes book events itself" would buy on this machine before the bus contract
-is changed for it (README, "Where the time goes"). It has no cache and no msgpack.
+"bookd publishes book events itself" buys on this machine (README, "Where the time
+goes": latency, not throughput). It has no cache and no msgpack.
 """
 
 from __future__ import annotations
