@@ -204,7 +204,7 @@ def run(cfg: Config) -> int:
                 lag = (time.time_ns() - last_recv_ns) / 1e6 if last_recv_ns else 0.0
                 ev = StatsEvent(timestamp=ns_to_rfc3339(time.time_ns()), process="bookd",
                                 pid=os.getpid(), counters=counters,
-                                gauges={"last_frame_age_ms": lag})
+                                gauges={"last_frame_age_ms": lag, **keeper.publish_lag()})
                 out.event("stats", "StatsEvent", _json.encode(ev))
             out.flush()
     finally:

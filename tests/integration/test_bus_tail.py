@@ -121,3 +121,15 @@ def test_tail_without_a_bus_exits_1_with_a_clear_message(tmp_path: Path):
     port = load_config(cfg).port("bus", "cache_port")
     assert "no bus answered" in out.stderr and str(port) in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_stats_line_shows_counters_then_gauges():
+    from bus.tail import describe
+
+    env = {"type": "StatsEvent", "event": {
+        "process": "bookd", "counters": {"frames": 12, "mismatches": 0},
+        "gauges": {"last_frame_age_ms": 0.41234567, "publish_lag_p50_us": 372.649}}}
+    assert describe("stats", env) == ("stats  bookd: frames=12, mismatches=0; "
+                                      "last_frame_age_ms=0.412346, publish_lag_p50_us=372.649")
+    env["event"]["gauges"] = {}
+    assert describe("stats", env) == "stats  bookd: frames=12, mismatches=0"

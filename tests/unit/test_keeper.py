@@ -678,3 +678,20 @@ def test_missing_snapshot_is_asked_again_but_never_for_a_dead_connection():
     rig.info("BTC/USD", conn_id=2)  # the next connection: its snapshot makes it valid
     rig.feed("BTC/USD", btc[0])
     assert rig.writer.state(0) is BookState.VALID and rig.triggers() == []
+
+
+def test_publish_lag_is_sampled_every_16th_event_and_read_once():
+    pair = "BTC/USD"
+    pp, qp = vectors.KNOWN_PRECISIONS[pair]
+    rig = Rig({pair: (pp, qp)}, 10)
+    rig.info(pair)
+    for k, frame in enumerate(book_frames(SDK)[:81]):
+        rig.now += MS
+        wall = 1_767_225_600 * 10**9 + rig.now  # the rig's clock_ns at this moment
+        # event number k + 1 left ingest (k + 1) us before it reaches shared memory
+        rig.keeper.on_frame(0, 1, k + 1, wall - (k + 1) * 1000, frame, rig.now)
+    assert len(rig.l2()) == 81
+    assert rig.keeper.publish_lag() == {  # events 16, 32, 48, 64, 80
+        "publish_lag_p50_us": 48.0, "publish_lag_p99_us": 64.0,
+        "publish_lag_max_us": 80.0, "publish_lag_samples": 5.0}
+    assert rig.keeper.publish_lag() == {}  # read: the next interval starts empty
