@@ -313,6 +313,8 @@ def summarize(r: dict) -> dict:
         "depth100_burst_msgs_per_s": sc.get("d100", {}).get("burst_msgs_per_s"),
         "pairs100_msgs_per_s": sc.get("p100", {}).get("sustained_msgs_per_s"),
         "pairs100_burst_msgs_per_s": sc.get("p100", {}).get("burst_msgs_per_s"),
+        "shm_lag_p50_us": lat_step.get("publish_lag_us", {}).get("p50_us"),
+        "shm_lag_p99_us": lat_step.get("publish_lag_us", {}).get("p99_us"),
         "reader_snapshots_per_s": lat_step.get("reader", {}).get("snapshots_per_s"),
         "reader_torn": lat_step.get("reader", {}).get("torn"),
         "reader_valid_share": (round(lat_step["reader"]["valid"] / lat_step["reader"]["snapshots"],

@@ -214,6 +214,9 @@ class Pipeline:
             s1 = rc.status()["counters"]
             t1 = time.monotonic()
             w = sub.request(cmd="window", on=False, raw=raw)
+            # bookd's publish lag over its last stats interval (1 s here): the end of
+            # the window, ingest receive -> shared memory (no bus hop)
+            gauges = sub.get()["stats"].get("bookd", {}).get("gauges", {})
             cpu1 = {r: p.cpu() for r, p in procs.items()}
             if reader_s:
                 res["reader"] = self._reader(reader_s)
@@ -244,6 +247,8 @@ class Pipeline:
             "delivered_msgs_per_s": delivered,
             "latency": {k: v for k, v in win.items() if k != "hist_log10_us"},
             "hist_log10_us": win.get("hist_log10_us"),
+            "publish_lag_us": {k[len("publish_lag_"):]: v for k, v in gauges.items()
+                               if k.startswith("publish_lag_")},
             "backlog_at_end": backlog,
             "cpu_us_per_msg": {r: (cpu1[r] - cpu0[r]) * 1e6 / max(1, n1 - n0) for r in cpu0},
             "cpu_share": {r: (cpu1[r] - cpu0[r]) / dt for r in cpu0},

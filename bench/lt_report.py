@@ -63,6 +63,9 @@ def table(r: dict) -> str:
         f"(depth 10): p50 {_f(s['p50_us'])} us, p99 {_f(s['p99_us'])} us, p99.9 "
         f"{_f(s.get('p999_us'))} us, max {_f(s.get('latency_max_us'))} us "
         f"({_f(s.get('latency_n'))} events)",
+        f"latency ingest receive -> shared memory at the same rate (bookd's publish lag, "
+        f"its last 1 s stats interval in that window): p50 {_f(s.get('shm_lag_p50_us'))} us,"
+        f" p99 {_f(s.get('shm_lag_p99_us'))} us",
         f"reader snapshots/s (BookReader.snapshot under load): "
         f"{_f(s.get('reader_snapshots_per_s'))}, torn accepted: "
         f"{_f(s.get('reader_torn'), 'd')}, state valid in "
