@@ -403,7 +403,8 @@ class BookKeeper:
         gauges (`publish_lag_p50_us`, `_p99_us`, `_max_us`, `_samples`); {} if none.
         The lag runs from ingest's receive of the frame to the book in shared memory:
         one ipc hop, the queue before bookd and its own work (a co-located reader sees
-        the book one `snapshot()` later). Wall clocks of one host: exact to the clock."""
+        the book one `snapshot()` later). Both ends read this host's wall clock, so a
+        clock step shows as one odd interval."""
         lag, self._lag = self._lag, []
         if not lag:
             return {}
