@@ -65,7 +65,10 @@ def direct_out(endpoint: str, sndhwm: int, made: list | None = None) -> type:
 
         def event(self, topic: str, type_name: str, payload: bytes) -> None:
             if not topic.startswith("book."):
-                super().event(topic, type_name, payload)
+                # as _Out.event, but a full bus batch flushes only itself: pending book
+                # events keep their own batch size
+                if self.batch.add(topic, type_name, payload):
+                    service._Out.flush(self)
                 return
             t = self.topics.get(topic)
             if t is None:

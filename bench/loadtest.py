@@ -19,7 +19,7 @@ What it does, in one run on one machine:
    bench/lt_pipeline.py) per scenario (d10, d100, p100): one pass of the recording at
    `--speed max` (the burst ceiling: what comes out end to end, drops reported), then
    fixed rates (`--speed N` on the recording's 10 k/s spacing, `--loop`) held for 10 s
-   (5 s with --quick), searched from the burst ceiling up and down; d10 first runs
+   (5 s with --quick), searched on a grid from the burst ceiling (`search`); d10 first runs
    10 k msgs/s for the latency histogram and, after that window, BookReader snapshots
    against the live bookd. `pipeline_msgs_per_s` is the highest fixed rate held: 0 lost,
    0 mismatches, >= 95% of the rate delivered, backlog at the end < 0.25 s of traffic.
@@ -183,38 +183,54 @@ def run_baselines(children: Children, rec, sc: dict) -> dict:  # noqa: ANN001
 
 def search(pipe: Pipeline, rec, rates: list[int], ceiling: float, sc: dict,  # noqa: ANN001
            max_steps: int, held_already: int = 0) -> None:
-    """Find the highest fixed rate held, on the `rates` grid (`next_rate`): start at
-    the highest candidate not above `start_frac` x the burst ceiling, go up while every
-    rate tried held, and once one failed, bisect between the highest rate held and the
-    lowest failed (full scale: a failing rate gets a second try, the machine is noisy).
-    `held_already`: a rate a previous step held (the grid starts above it)."""
+    """Find the highest fixed rate held, on the `rates` grid: start at the highest
+    candidate not above `start_frac` x the burst ceiling; go up one rate while every
+    rate tried held, down one while none did, and bisect between the highest rate held
+    and the lowest failed once there are both (`next_rate`). One try per rate while
+    searching; then, at full scale (the machine is noisy), the lowest failed rate just
+    above the best held gets a second try, and the search goes on from there if it
+    holds. `held_already`: a rate a previous step held (the grid starts above it)."""
     rates = sorted(r for r in rates if r > held_already) or rates[-1:]
     below = [i for i, r in enumerate(rates) if r <= ceiling * sc["start_frac"]]
     i = below[-1] if below else 0
-    lo, hi = -1, len(rates)  # indices of the highest rate held, the lowest failed
+    n = len(rates)
+    lo, hi = -1, n           # indices of the highest rate held, the lowest failed
+    failed: set[int] = set()
+    retried: set[int] = set()
     steps = 0
-    while lo < i < hi and steps < max_steps:
+    while steps < max_steps:
+        if not lo < i < hi:  # converged: a second try for the failure just above?
+            if not (sc["retry"] and hi == lo + 1 < n and hi not in retried):
+                break
+            i = hi
+            retried.add(i)
         if time.monotonic() - _T0 > sc["deadline_s"]:
             log(f"  {pipe.name}: no more steps (past the {sc['deadline_s']:g} s budget)")
             break
         rate = rates[i]
-        res = pipe.step(f"{rate // 1000}k", rec, rate / rec.rate, sc["step_s"], nominal=rate)
+        label = f"{rate // 1000}k" + ("-2" if i in retried else "")
+        res = pipe.step(label, rec, rate / rec.rate, sc["step_s"], nominal=rate)
         steps += 1
-        if not res["held"] and sc["retry"] and steps < max_steps:
-            res = pipe.step(f"{rate // 1000}k-2", rec, rate / rec.rate, sc["step_s"],
-                            nominal=rate)
-            steps += 1
-        lo, hi = (i, hi) if res["held"] else (lo, i)
-        i = next_rate(lo, hi, len(rates))
+        if res["held"]:
+            failed.discard(i)
+            lo, hi = i, min((k for k in failed if k > i), default=n)
+        else:
+            failed.add(i)
+            hi = i
+        i = next_rate(lo, hi, n)
 
 
 def next_rate(lo: int, hi: int, n: int) -> int:
-    """The grid index to try next, given the highest index held (`lo`, -1: none) and the
-    lowest failed (`hi`, n: none) of an n-rate grid; the search is over when the result
-    is not strictly between them. Up one while nothing failed (the start is near the
-    burst ceiling); else the middle (a walk down 5 k at a time, two steps per failing
-    rate, ran out of steps 15 k above what the pipeline held after a high burst)."""
-    return lo + 1 if hi == n else (lo + hi) // 2
+    """The grid index to try next, given the highest index held (`lo`, -1: none) and
+    the lowest failed (`hi`, n: none) of an n-rate grid; the search is over when the
+    result is not strictly between them: up one while nothing failed, down one while
+    nothing held (the start is near the burst ceiling, and what holds is usually just
+    below it), else the middle of the two."""
+    if hi == n:
+        return lo + 1
+    if lo < 0:
+        return hi - 1
+    return (lo + hi) // 2
 
 
 def run_scenario(children: Children, name: str, rec, sc: dict,  # noqa: ANN001
@@ -315,6 +331,7 @@ def summarize(r: dict) -> dict:
         "pairs100_burst_msgs_per_s": sc.get("p100", {}).get("burst_msgs_per_s"),
         "shm_lag_p50_us": lat_step.get("publish_lag_us", {}).get("p50_us"),
         "shm_lag_p99_us": lat_step.get("publish_lag_us", {}).get("p99_us"),
+        "shm_lag_samples": lat_step.get("publish_lag_us", {}).get("samples"),
         "reader_snapshots_per_s": lat_step.get("reader", {}).get("snapshots_per_s"),
         "reader_torn": lat_step.get("reader", {}).get("torn"),
         "reader_valid_share": (round(lat_step["reader"]["valid"] / lat_step["reader"]["snapshots"],

@@ -214,9 +214,11 @@ class Pipeline:
             s1 = rc.status()["counters"]
             t1 = time.monotonic()
             w = sub.request(cmd="window", on=False, raw=raw)
-            # bookd's publish lag over its last stats interval (1 s here): the end of
-            # the window, ingest receive -> shared memory (no bus hop)
-            gauges = sub.get()["stats"].get("bookd", {}).get("gauges", {})
+            # bookd's publish lag (ingest receive -> shared memory, no bus hop) over its
+            # last stats interval (1 s here), if that interval lies within the window
+            bstats = w.get("stats", {}).get("bookd", {})
+            gauges = (bstats.get("gauges", {})
+                      if bstats.get("at_ns", 0) >= t_win_unix + 1_000_000_000 else {})
             cpu1 = {r: p.cpu() for r, p in procs.items()}
             if reader_s:
                 res["reader"] = self._reader(reader_s)

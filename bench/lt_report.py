@@ -26,7 +26,9 @@ def table(r: dict) -> str:
     sy = core.get("synthetic", {})
     lines = [
         "",
-        f"krakenfeed load test ({'bench-quick' if r['quick'] else 'bench'}): {m['cpus']} CPUs "
+        f"krakenfeed load test ({'bench-quick' if r['quick'] else 'bench'}"
+        f"{', EXPERIMENT: bookd publishes book events itself' if r.get('direct_books') else ''}"
+        f"): {m['cpus']} CPUs "
         f"({m['cpu_model']}), {m['memory']}, Python {m['python']}; load average "
         f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end "
         f"(1 min; shared VM: figures are noisy)",
@@ -63,9 +65,10 @@ def table(r: dict) -> str:
         f"(depth 10): p50 {_f(s['p50_us'])} us, p99 {_f(s['p99_us'])} us, p99.9 "
         f"{_f(s.get('p999_us'))} us, max {_f(s.get('latency_max_us'))} us "
         f"({_f(s.get('latency_n'))} events)",
-        f"latency ingest receive -> shared memory at the same rate (bookd's publish lag, "
-        f"its last 1 s stats interval in that window): p50 {_f(s.get('shm_lag_p50_us'))} us,"
-        f" p99 {_f(s.get('shm_lag_p99_us'))} us",
+        f"latency ingest receive -> shared memory at the same rate: p50 "
+        f"{_f(s.get('shm_lag_p50_us'))} us, p99 {_f(s.get('shm_lag_p99_us'))} us (bookd's "
+        f"publish lag over its last 1 s stats interval in that window, "
+        f"{_f(s.get('shm_lag_samples'))} samples)",
         f"reader snapshots/s (BookReader.snapshot under load): "
         f"{_f(s.get('reader_snapshots_per_s'))}, torn accepted: "
         f"{_f(s.get('reader_torn'), 'd')}, state valid in "

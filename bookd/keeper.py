@@ -194,7 +194,7 @@ class BookKeeper:
         self.depth = depth
         self.writer = writer
         self.out = out
-        self.clock_ns = clock_ns  # wall clock (unix ns), for event timestamps only
+        self.clock_ns = clock_ns  # wall clock (unix ns): event timestamps, publish lag
         self.max_mismatches = max_mismatches
         self.max_resyncs = max_resyncs
         self.resync_window_ns = resync_window_ns
@@ -410,8 +410,9 @@ class BookKeeper:
             return {}
         lag.sort()
         n = len(lag)
-        return {"publish_lag_p50_us": lag[(n - 1) // 2] / 1e3,
-                "publish_lag_p99_us": lag[(n - 1) * 99 // 100] / 1e3,
+        # nearest rank: the smallest sample with at least p% of them at or below it
+        return {"publish_lag_p50_us": lag[(n + 1) // 2 - 1] / 1e3,
+                "publish_lag_p99_us": lag[(99 * n + 99) // 100 - 1] / 1e3,
                 "publish_lag_max_us": lag[-1] / 1e3, "publish_lag_samples": float(n)}
 
     # -- time ----------------------------------------------------------------------------

@@ -131,5 +131,6 @@ def test_a_stats_line_shows_counters_then_gauges():
         "gauges": {"last_frame_age_ms": 0.41234567, "publish_lag_p50_us": 372.649}}}
     assert describe("stats", env) == ("stats  bookd: frames=12, mismatches=0; "
                                       "last_frame_age_ms=0.412346, publish_lag_p50_us=372.649")
-    env["event"]["gauges"] = {}
-    assert describe("stats", env) == "stats  bookd: frames=12, mismatches=0"
+    for gauges in ({}, {"note": "not a number"}):
+        env["event"]["gauges"] = gauges
+        assert describe("stats", env) == "stats  bookd: frames=12, mismatches=0"
