@@ -70,9 +70,9 @@ def describe(topic: str, env: dict) -> str:
     if kind == "StatsEvent":
         c = ev.get("counters", {})
         shown = ", ".join(f"{k}={v}" for k, v in list(c.items())[:8])
-        gauges = [f"{k}={v:.6g}" for k, v in (ev.get("gauges") or {}).items()
-                  if isinstance(v, (int, float))]
-        return f"stats  {ev.get('process')}: {shown}" + ("; " + ", ".join(gauges)) * bool(gauges)
+        gauges = ", ".join(f"{k}={v:.6g}" for k, v in (ev.get("gauges") or {}).items()
+                           if isinstance(v, (int, float)))
+        return f"stats  {ev.get('process')}: {shown}" + (f"; {gauges}" if gauges else "")
     return f"{topic}  {kind}"
 
 

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _open_source(args: argparse.Namespace, cfg) -> Source:  # noqa: ANN001 - Config
     if args.file:
         from .source import RecordingSource
-        paths = args.file[0] if len(args.file) == 1 else args.file
-        return RecordingSource.from_path(paths, price_precision=args.price_precision,
+        # one file or the rotated parts of one recording (read_recordings reads both)
+        return RecordingSource.from_path(args.file, price_precision=args.price_precision,
                                          qty_precision=args.qty_precision, depth=args.depth)
     try:
         from . import synthetic
